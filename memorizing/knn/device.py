@@ -1,0 +1,327 @@
+"""On-device approximate top-k by strided buckets.
+
+The memory of one (row, head) has N slots. Slot n belongs to bucket n % S
+("strided": neighbouring slots, which hold neighbouring positions of a
+document and so tend to be alike, land in different buckets). For every query
+we keep the best score of each bucket and its slot, then take the top k of
+those S bucket maxima. A true neighbour is lost only when a better true
+neighbour shares its bucket; with the k true neighbours spread at random over
+S buckets the expected recall is about
+
+    recall ~= 1 - (k - 1) / (2 S)          (k = 32: S = 128 -> 0.88, 256 -> 0.94)
+
+so `num_buckets` defaults to the smallest power of two meeting
+`recall_target` by that formula. Keys with positional locality do better than
+the formula (neighbours are spread over buckets more evenly than at random).
+
+Two implementations of the same computation:
+  "xla":    score matmul [B,H,Qc,N], masked, reshaped to [.., N/S, S], max and
+            argmax over N/S, then top_k over S. Queries go in chunks of Qc so
+            the score block stays under `max_score_elements`.
+  "pallas": a fused Pallas (Triton) kernel for GPUs that walks the memory in
+            blocks of S keys and keeps the running max/argmax per bucket in
+            registers, so the [Q, N] score matrix is never written to memory.
+  "auto":   "pallas" on GPU (when the shapes suit it), approx_max_k on TPU,
+            "xla" elsewhere.
+
+Retrieval is not differentiable: the result is computed on stop_gradient'ed
+inputs and only integer indices leave this module.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from memorizing import knn
+from memorizing.memory import MemoryState
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def buckets_for_recall(k: int, recall_target: float) -> int:
+  """Smallest power of two S >= k with 1 - (k-1)/(2S) >= recall_target."""
+  if not 0.0 < recall_target < 1.0:
+    raise ValueError(f"DeviceBackend recall_target must be in (0, 1), got {recall_target}")
+  need = (k - 1) / (2.0 * (1.0 - recall_target))
+  s = max(k, 16)
+  while s < need:
+    s *= 2
+  return s
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _top_k_padded(scores: jax.Array, k: int) -> Tuple[jax.Array, jax.Array]:
+  """top_k over the last axis that also works when it is shorter than k.
+
+  scores [..., n] float32 (-inf marks invalid). Returns (values, indices) [..., k].
+  """
+  n = scores.shape[-1]
+  if n < k:
+    pad = [(0, 0)] * (scores.ndim - 1) + [(0, k - n)]
+    scores = jnp.pad(scores, pad, constant_values=-jnp.inf)
+  return jax.lax.top_k(scores, k)
+
+
+def _slot_bias(count: jax.Array, n_pad: int) -> jax.Array:
+  """[B, n_pad] float32: 0 for valid slots [0, count), -inf otherwise."""
+  valid = jnp.arange(n_pad)[None, :] < count[:, None]
+  return jnp.where(valid, 0.0, -jnp.inf).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------
+# XLA implementation
+
+
+def _buckets_xla(queries, keys, count, num_buckets, k, score_dtype, max_score_elements):
+  """queries [B,H,Q,D], keys [B,H,N,D] -> (values [B,H,Q,k] f32, slots [B,H,Q,k])."""
+  b, h, q, d = queries.shape
+  n = keys.shape[2]
+  s = num_buckets
+  n_pad = _round_up(n, s)
+  bias = _slot_bias(count, n_pad)                                  # [B, n_pad]
+  if n_pad != n:
+    keys = jnp.pad(keys, ((0, 0), (0, 0), (0, n_pad - n), (0, 0)))
+
+  def one_chunk(qc):                                              # [B,H,c,D]
+    scores = jnp.einsum("bhqd,bhnd->bhqn", qc, keys,
+                        preferred_element_type=score_dtype)
+    scores = scores.astype(jnp.float32) + bias[:, None, None, :]
+    c = qc.shape[2]
+    blocks = scores.reshape(b, h, c, n_pad // s, s)                # slot = j*S + bucket
+    arg = jnp.argmax(blocks, axis=3)                                # [B,H,c,S]
+    best = jnp.max(blocks, axis=3)
+    vals, bucket = jax.lax.top_k(best, min(k, s))
+    slots = jnp.take_along_axis(arg, bucket, axis=-1) * s + bucket
+    return vals, slots.astype(jnp.int32)
+
+  chunk = max(1, min(q, max_score_elements // max(1, b * h * n_pad)))
+  while q % chunk:
+    chunk -= 1
+  if chunk == q:
+    return one_chunk(queries)
+  qs = queries.reshape(b, h, q // chunk, chunk, d).transpose(2, 0, 1, 3, 4)
+  vals, slots = jax.lax.map(one_chunk, qs)                          # [q/c,B,H,c,k]
+  merge = lambda x: x.transpose(1, 2, 0, 3, 4).reshape(b, h, q, x.shape[-1])
+  return merge(vals), merge(slots)
+
+
+# --------------------------------------------------------------------------
+# Fused Pallas (Triton) implementation for GPUs
+
+
+def _bucket_kernel(q_ref, k_ref, bias_ref, max_ref, arg_ref, *, num_blocks, block_k):
+  """One program: `block_q` queries of one (row, head) against all its keys.
+
+  q_ref [block_q, D], k_ref [n_pad, D], bias_ref [n_pad],
+  max_ref [block_q, S] f32, arg_ref [block_q, S] int32 (block number j; slot = j*S + col).
+  """
+  from jax.experimental import pallas as pl
+  q = q_ref[...]
+  block_q = q.shape[0]
+
+  def body(j, carry):
+    best, arg = carry
+    start = pl.multiple_of(j * block_k, block_k)
+    kb = k_ref[pl.ds(start, block_k), :]                            # [S, D]
+    s = pl.dot(q, kb, trans_b=True).astype(jnp.float32)             # [block_q, S]
+    s = s + bias_ref[pl.ds(start, block_k)][None, :]
+    better = s > best
+    return jnp.where(better, s, best), jnp.where(better, j, arg)
+
+  init = (jnp.full((block_q, block_k), -jnp.inf, jnp.float32),
+          jnp.zeros((block_q, block_k), jnp.int32))
+  best, arg = jax.lax.fori_loop(0, num_blocks, body, init)
+  max_ref[...] = best
+  arg_ref[...] = arg
+
+
+def _buckets_pallas(queries, keys, count, num_buckets, k, compute_dtype, block_q,
+                    num_warps, num_stages, interpret):
+  """Same contract as _buckets_xla, fused; S must be a power of two >= 16."""
+  from jax.experimental import pallas as pl
+  b, h, q, d = queries.shape
+  n = keys.shape[2]
+  s = num_buckets
+  n_pad = _round_up(n, s)
+  q_pad = _round_up(q, block_q)
+  bias = _slot_bias(count, n_pad)                                   # [B, n_pad]
+  keys = jnp.pad(keys, ((0, 0), (0, 0), (0, n_pad - n), (0, 0))).astype(compute_dtype)
+  queries = jnp.pad(queries, ((0, 0), (0, 0), (0, q_pad - q), (0, 0))).astype(compute_dtype)
+  qf = queries.reshape(b * h, q_pad, d)
+  kf = keys.reshape(b * h, n_pad, d)
+
+  kwargs = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  kernel = functools.partial(_bucket_kernel, num_blocks=n_pad // s, block_k=s)
+  best, arg = pl.pallas_call(
+      kernel,
+      grid=(b * h, q_pad // block_q),
+      in_specs=[pl.BlockSpec((None, block_q, d), lambda i, j: (i, j, 0)),
+                pl.BlockSpec((None, n_pad, d), lambda i, j: (i, 0, 0)),
+                pl.BlockSpec((None, n_pad), lambda i, j: (i // h, 0))],
+      out_specs=[pl.BlockSpec((None, block_q, s), lambda i, j: (i, j, 0)),
+                 pl.BlockSpec((None, block_q, s), lambda i, j: (i, j, 0))],
+      out_shape=[jax.ShapeDtypeStruct((b * h, q_pad, s), jnp.float32),
+                 jax.ShapeDtypeStruct((b * h, q_pad, s), jnp.int32)],
+      interpret=interpret,
+      **kwargs,
+  )(qf, kf, bias)
+  best = best.reshape(b, h, q_pad, s)[:, :, :q]
+  arg = arg.reshape(b, h, q_pad, s)[:, :, :q]
+  vals, bucket = jax.lax.top_k(best, min(k, s))
+  slots = jnp.take_along_axis(arg, bucket, axis=-1) * s + bucket
+  return vals, slots.astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------
+
+
+class DeviceBackend(knn.KNNBackend):
+  """Approximate top-k on the accelerator by strided bucket maxima.
+
+  Options (ModelConfig.knn_options):
+    recall_target:  0.9; sets num_buckets when that is None.
+    num_buckets:    None (derived: 256 for k=32 at 0.9) or an int S >= k.
+    impl:           "auto" | "xla" | "pallas" | "approx_max_k" (TPU) | "exact".
+    compute_dtype:  "auto" (bfloat16 on GPU/TPU, float32 on CPU) or a dtype
+                    name; queries and keys are cast to it for the score matmul,
+                    which accumulates in float32.
+    max_score_elements: 2**30; the xla path goes over queries in chunks so
+                    that one [B,H,chunk,N] score block stays under this.
+    block_q, num_warps, num_stages: Pallas tiling (64, 8, 3).
+    interpret:      False; True runs the Pallas kernel in interpret mode (CPU tests).
+  """
+  name = "device"
+
+  def __init__(self, recall_target: float = 0.9, num_buckets: Optional[int] = None,
+               impl: str = "auto", compute_dtype: str = "auto",
+               max_score_elements: int = 2 ** 30, block_q: int = 64,
+               num_warps: int = 8, num_stages: int = 3, interpret: bool = False):
+    if impl not in ("auto", "xla", "pallas", "approx_max_k", "exact"):
+      raise ValueError(f"DeviceBackend impl={impl!r}; choose auto, xla, pallas, approx_max_k or exact")
+    if compute_dtype != "auto" and compute_dtype not in _DTYPES:
+      raise ValueError(f"DeviceBackend compute_dtype={compute_dtype!r}; choose auto or one of {sorted(_DTYPES)}")
+    if num_buckets is not None and num_buckets < 1:
+      raise ValueError(f"DeviceBackend num_buckets must be >= 1, got {num_buckets}")
+    buckets_for_recall(32, recall_target)  # validates the target
+    self.recall_target = recall_target
+    self.num_buckets = num_buckets
+    self.impl = impl
+    self.compute_dtype = compute_dtype
+    self.max_score_elements = max_score_elements
+    self.block_q = block_q
+    self.num_warps = num_warps
+    self.num_stages = num_stages
+    self.interpret = interpret
+
+  def buckets(self, k: int) -> int:
+    return self.num_buckets or buckets_for_recall(k, self.recall_target)
+
+  def resolved_impl(self, head_dim: int, k: int) -> str:
+    """Which implementation `search` runs on the current default backend."""
+    if self.impl != "auto":
+      return self.impl
+    platform = jax.default_backend()
+    if platform == "tpu":
+      return "approx_max_k"
+    s = self.buckets(k)
+    pow2 = lambda x: x >= 16 and x & (x - 1) == 0
+    if platform == "gpu" and pow2(s) and pow2(head_dim) and pow2(self.block_q):
+      return "pallas"
+    return "xla"
+
+  def _dtype(self):
+    if self.compute_dtype != "auto":
+      return _DTYPES[self.compute_dtype]
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+  def search(self, queries, memory: MemoryState, k: int, context=None):
+    """queries [B,H,Q,D] -> (indices int32 [B,H,Q,k], valid bool [B,H,Q,k])."""
+    queries = jax.lax.stop_gradient(queries)
+    keys = jax.lax.stop_gradient(memory.keys)
+    count = memory.count
+    n, d = keys.shape[2], keys.shape[3]
+    s = self.buckets(k)
+    impl = self.resolved_impl(d, k)
+    dtype = self._dtype()
+
+    if impl == "exact" or n <= s:
+      # Every bucket would hold at most one slot: exact search is as cheap.
+      scores = jnp.einsum("bhqd,bhnd->bhqn", queries.astype(dtype), keys.astype(dtype),
+                          preferred_element_type=jnp.float32)
+      scores = scores + _slot_bias(count, n)[:, None, None, :]
+      vals, idx = _top_k_padded(scores, k)
+    elif impl == "approx_max_k":
+      scores = jnp.einsum("bhqd,bhnd->bhqn", queries.astype(dtype), keys.astype(dtype),
+                          preferred_element_type=jnp.float32)
+      scores = scores + _slot_bias(count, n)[:, None, None, :]
+      vals, idx = jax.lax.approx_max_k(scores, min(k, n), recall_target=self.recall_target)
+    elif impl == "pallas":
+      vals, idx = _buckets_pallas(queries, keys, count, s, k, dtype, self.block_q,
+                                  self.num_warps, self.num_stages, self.interpret)
+    else:
+      score_dtype = jnp.float32 if dtype == jnp.float32 else dtype
+      vals, idx = _buckets_xla(queries.astype(dtype), keys.astype(dtype), count, s, k,
+                               score_dtype, self.max_score_elements)
+    if vals.shape[-1] < k:                    # fewer buckets (or slots) than k
+      pad = [(0, 0)] * 3 + [(0, k - vals.shape[-1])]
+      vals = jnp.pad(vals, pad, constant_values=-jnp.inf)
+      idx = jnp.pad(idx, pad)
+    valid = jnp.isfinite(vals)
+    # Belt and braces: a slot outside [0, count) is never valid.
+    valid = valid & (idx < count[:, None, None, None]) & (idx >= 0)
+    idx = jnp.where(valid, idx, 0).astype(jnp.int32)
+    return idx, valid
+
+
+def synthetic_memory(rng: jax.Array, batch: int, heads: int, size: int, num_queries: int,
+                     head_dim: int, num_topics: int = 64, topic_run: int = 256,
+                     coarse_every: int = 16, coarse_scale: float = 0.7,
+                     fine_scale: float = 0.5) -> Tuple[jax.Array, jax.Array]:
+  """Keys and queries with the structure of a document's key stream (tests, benchmarks).
+
+  Positions 0 .. size+num_queries-1 of each (row, head) form one stream; the
+  first `size` are keys, the rest queries (the next segment). Position p is
+      normalise(topic_centre[t(p // topic_run)]
+                + coarse_scale * u[p // coarse_every] + fine_scale * e[p])
+  with `num_topics` random unit centres per (row, head), a topic drawn per run
+  of `topic_run` positions, u and e Gaussian with unit expected norm. So keys
+  cluster by topic and neighbouring positions are correlated, as in real
+  streams; uniform random keys would make kNN meaningless.
+  Returns keys [B,H,size,D], queries [B,H,num_queries,D], float32, unit norm.
+  """
+  total = size + num_queries
+  r_c, r_t, r_u, r_e = jax.random.split(rng, 4)
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  centres = unit(jax.random.normal(r_c, (batch, heads, num_topics, head_dim)))
+  runs = -(-total // topic_run)
+  topic = jax.random.randint(r_t, (batch, heads, runs), 0, num_topics)
+  pos = jnp.arange(total)
+  t = topic[:, :, pos // topic_run]                                   # [B,H,total]
+  x = jnp.take_along_axis(centres, t[..., None], axis=2)
+  coarse = jax.random.normal(r_u, (batch, heads, -(-total // coarse_every), head_dim))
+  x = x + coarse_scale / math.sqrt(head_dim) * coarse[:, :, pos // coarse_every]
+  x = x + fine_scale / math.sqrt(head_dim) * jax.random.normal(r_e, (batch, heads, total, head_dim))
+  x = unit(x).astype(jnp.float32)
+  return x[:, :, :size], x[:, :, size:]
+
+
+def recall(indices: jax.Array, valid: jax.Array, exact_indices: jax.Array,
+           exact_valid: jax.Array) -> float:
+  """Fraction of the exact valid neighbours that the approximate result holds.
+
+  All arguments [B,H,Q,k]. Invalid entries count on neither side.
+  """
+  a = jnp.where(valid, indices, -1)[..., :, None]
+  e = jnp.where(exact_valid, exact_indices, -2)[..., None, :]
+  hit = jnp.any(a == e, axis=-2) & exact_valid                      # [B,H,Q,k]
+  return float(hit.sum() / jnp.maximum(exact_valid.sum(), 1))
