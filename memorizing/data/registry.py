@@ -1,0 +1,201 @@
+"""Named datasets: where their documents live and how to read them.
+
+`load_documents(name, split, data_dir)` returns a random-access sequence of
+documents (bytes) read from ArrayRecord through TFDS's data source API, which
+needs no TensorFlow and never downloads. A data set that is not prepared
+raises `DatasetError` with the command that prepares it, except the embedded
+corpora (`python_stdlib`, `synthetic`), which are built on first use, offline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+import tensorflow_datasets as tfds
+
+from memorizing.data import corpora, official
+
+
+class DatasetError(ValueError):
+  """A data set cannot be read; the message names the cause and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """A named data set.
+
+  tfds_name:    TFDS name (with config), also its directory under data_dir
+  text_feature: the feature holding a document's text
+  splits:       split names
+  builder:      local builder class (None for TFDS catalogue data sets)
+  embedded:     built automatically, offline, on first use
+  prepare_args: extra arguments prepare_data.py needs (shown in messages)
+  """
+  name: str
+  tfds_name: str
+  text_feature: str
+  splits: Tuple[str, ...]
+  description: str
+  builder: Optional[type] = None
+  embedded: bool = False
+  prepare_args: str = ""
+
+
+DATASETS: Dict[str, DatasetSpec] = {s.name: s for s in [
+    DatasetSpec("pg19", "pg19", "book_text", ("train", "validation", "test"),
+                "PG-19 books (TFDS pg19; preparing reads GCS and needs TensorFlow)"),
+    DatasetSpec("arxiv", "scientific_papers/arxiv", "article", ("train", "validation", "test"),
+                "arXiv article text (TFDS scientific_papers/arxiv)"),
+    DatasetSpec("c4_4k", "c4_4k", "text", ("train", "validation"),
+                "C4 en documents of >= 4096 tokens, filtered at preparation time",
+                builder=official.C44k, prepare_args=" --c4_json 'PATH/c4-{split}.*.json.gz'"),
+    DatasetSpec("text_files", "text_files", "text", ("train", "validation"),
+                "local text files, one document per file",
+                builder=corpora.TextFiles, prepare_args=" --source PATH_OR_GLOB"),
+    DatasetSpec("python_stdlib", "python_stdlib", "text", ("train", "validation"),
+                "embedded default: long code documents from the Python standard library",
+                builder=corpora.PythonStdlib, embedded=True),
+    DatasetSpec("synthetic", "synthetic", "text", ("train", "validation"),
+                "tiny generated documents that quote their own far past",
+                builder=corpora.Synthetic, embedded=True),
+]}
+
+
+def default_data_dir() -> str:
+  """$MEMORIZING_DATA_DIR, else ~/tensorflow_datasets."""
+  return os.path.expanduser(os.environ.get("MEMORIZING_DATA_DIR", "~/tensorflow_datasets"))
+
+
+def get_spec(name: str) -> DatasetSpec:
+  if name not in DATASETS:
+    raise DatasetError(f"Unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+  return DATASETS[name]
+
+
+def prepare_command(name: str, data_dir: str) -> str:
+  """The shell command that prepares `name` into `data_dir`."""
+  return f"python scripts/prepare_data.py {name} --data_dir {data_dir}{get_spec(name).prepare_args}"
+
+
+def find_prepared(data_dir: str, tfds_name: str) -> Optional[str]:
+  """The directory `data_dir/tfds_name/VERSION` of the highest prepared version
+  (one holding dataset_info.json), or None."""
+  base = os.path.join(os.path.expanduser(data_dir), *tfds_name.split("/"))
+  if not os.path.isdir(base):
+    return None
+  versions = []
+  for v in os.listdir(base):
+    if os.path.exists(os.path.join(base, v, "dataset_info.json")):
+      try:
+        versions.append((tuple(int(x) for x in v.split(".")), v))
+      except ValueError:
+        continue
+  return os.path.join(base, max(versions)[1]) if versions else None
+
+
+def _file_format(builder_dir: str) -> str:
+  with open(os.path.join(builder_dir, "dataset_info.json")) as f:
+    return json.load(f).get("fileFormat", "tfrecord")
+
+
+def prepare(name: str, data_dir: Optional[str] = None, **options) -> str:
+  """Prepare `name` into `data_dir` as ArrayRecord; returns a size summary.
+
+  options go to the local builder (e.g. source=, min_bytes= for text_files;
+  tokenizer=, min_tokens=, json_files=, source_data_dir= for c4_4k).
+  Raises official.SourceUnavailableError when the source cannot be reached.
+  """
+  spec = get_spec(name)
+  data_dir = os.path.expanduser(data_dir or default_data_dir())
+  if spec.builder is None:
+    official.prepare_tfds(spec.tfds_name, data_dir)
+    return f"{name}: prepared {spec.tfds_name} in {data_dir}"
+  builder = spec.builder(data_dir=data_dir, file_format="array_record", **options)
+  builder.download_and_prepare()
+  if hasattr(builder, "summary"):  # local corpora built just now
+    return builder.summary
+  if hasattr(builder, "kept"):  # c4_4k built just now
+    return "\n".join(f"{name}/{s}: kept {k:,} of {n:,} source documents"
+                     f" (>= {builder.min_tokens} tokens, {builder.tokenizer_name})"
+                     for s, (k, n) in builder.kept.items())
+  return describe_prepared(name, data_dir)
+
+
+def describe_prepared(name: str, data_dir: str) -> str:
+  """Documents per split (and bytes, where recorded) of a prepared data set."""
+  spec = get_spec(name)
+  builder_dir = find_prepared(data_dir, spec.tfds_name)
+  if builder_dir is None:
+    return f"{name}: not prepared in {data_dir}"
+  info = tfds.builder_from_directory(builder_dir).info
+  num_bytes = (info.metadata or {}).get("num_bytes", {})
+  lines = []
+  for s, split_info in info.splits.items():
+    extra = f", {num_bytes[s]:,} tokens (bytes)" if s in num_bytes else ""
+    lines.append(f"{name}/{s}: {split_info.num_examples:,} documents{extra} in {builder_dir}")
+  return "\n".join(lines)
+
+
+class Documents(Sequence):
+  """Random-access documents of one split: `docs[i]` is the text as bytes."""
+
+  def __init__(self, source, text_feature: str, name: str, split: str, metadata: dict,
+               max_documents: Optional[int] = None):
+    self._source = source
+    self._feature = text_feature
+    self.name, self.split, self.metadata = name, split, metadata
+    self._len = len(source) if max_documents is None else min(len(source), max_documents)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int) -> bytes:
+    if isinstance(i, slice):
+      return [self[j] for j in range(*i.indices(self._len))]
+    if not -self._len <= i < self._len:
+      raise IndexError(f"document {i} out of range [0, {self._len})")
+    text = self._source[i % self._len][self._feature]
+    return text if isinstance(text, bytes) else str(text).encode("utf-8")
+
+  def __repr__(self):
+    return f"Documents({self.name}/{self.split}, {self._len} documents)"
+
+
+def load_documents(name: str, split: str = "train", data_dir: Optional[str] = None, *,
+                   max_documents: Optional[int] = None, auto_prepare: bool = True) -> Documents:
+  """Documents of `name`/`split` prepared under `data_dir`, as a sequence of bytes.
+
+  Unknown `name` or `split`, or data not prepared: DatasetError with the fix.
+  `python_stdlib` and `synthetic` are built on first use when `auto_prepare`
+  (offline, seconds), printing their size. `max_documents` keeps the first ones.
+  """
+  spec = get_spec(name)
+  data_dir = os.path.expanduser(data_dir or default_data_dir())
+  base_split = split.split("[")[0]
+  if base_split not in spec.splits:
+    raise DatasetError(f"Dataset {name!r} has no split {split!r}; its splits: "
+                       f"{', '.join(spec.splits)}")
+  builder_dir = find_prepared(data_dir, spec.tfds_name)
+  if builder_dir is None and spec.embedded and auto_prepare:
+    print(f"Building the embedded corpus {name!r} into {data_dir} (offline, once)...", flush=True)
+    print(prepare(name, data_dir), flush=True)
+    builder_dir = find_prepared(data_dir, spec.tfds_name)
+  if builder_dir is None:
+    raise DatasetError(
+        f"Dataset {name!r} is not prepared in {data_dir} (no {spec.tfds_name}/VERSION/"
+        f"dataset_info.json there). Prepare it with:\n  {prepare_command(name, data_dir)}")
+  if _file_format(builder_dir) != "array_record":
+    raise DatasetError(
+        f"Dataset {name!r} in {builder_dir} is stored as {_file_format(builder_dir)}, not "
+        f"ArrayRecord, and cannot be read without TensorFlow. Prepare it again with:\n  "
+        f"{prepare_command(name, data_dir)}")
+  builder = tfds.builder_from_directory(builder_dir)
+  if base_split not in builder.info.splits:
+    raise DatasetError(f"Dataset {name!r} in {builder_dir} has no prepared split {split!r} "
+                       f"(prepared: {', '.join(builder.info.splits)}). Prepare it with:\n  "
+                       f"{prepare_command(name, data_dir)}")
+  source = builder.as_data_source(split=split)
+  return Documents(source, spec.text_feature, name, split, dict(builder.info.metadata or {}),
+                   max_documents)

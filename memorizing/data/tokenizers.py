@@ -1,0 +1,137 @@
+"""Tokenizers: bytes (vocab 256 + specials) and SentencePiece.
+
+Both map `str | bytes` to a 1-D int32 array and back, and report the mean
+number of UTF-8 bytes per token on sample text, so that losses can be
+converted to bits per byte: bits_per_byte = nats_per_token / ln(2) / bytes_per_token.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+
+Text = Union[str, bytes]
+
+TRAIN_TOKENIZER_COMMAND = (
+    "python scripts/train_tokenizer.py --dataset python_stdlib --vocab_size 32000 "
+    "--output {path}")
+
+
+def as_bytes(text: Text) -> bytes:
+  """UTF-8 bytes of `text` (bytes pass through unchanged, valid or not)."""
+  if isinstance(text, (bytes, bytearray, memoryview)):
+    return bytes(text)
+  return text.encode("utf-8", errors="surrogatepass")
+
+
+def as_str(text: Text) -> str:
+  """`text` as str; undecodable bytes become U+FFFD instead of raising."""
+  if isinstance(text, (bytes, bytearray, memoryview)):
+    return bytes(text).decode("utf-8", errors="replace")
+  return text
+
+
+class Tokenizer:
+  """Interface: vocab_size, pad_id, encode, decode, bytes_per_token."""
+  name: str = "tokenizer"
+  vocab_size: int
+  pad_id: int
+
+  def encode(self, text: Text) -> np.ndarray:
+    """Token ids of `text`: [num_tokens] int32."""
+    raise NotImplementedError
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of `ids`; pad and other special ids are dropped."""
+    raise NotImplementedError
+
+  def bytes_per_token(self, texts: Iterable[Text]) -> float:
+    """Mean UTF-8 bytes per token over `texts` (total bytes / total tokens)."""
+    num_bytes = num_tokens = 0
+    for text in texts:
+      num_bytes += len(as_bytes(text))
+      num_tokens += len(self.encode(text))
+    if num_tokens == 0:
+      raise ValueError("bytes_per_token needs sample text with at least one token")
+    return num_bytes / num_tokens
+
+
+class ByteTokenizer(Tokenizer):
+  """Ids 0..255 are the bytes; 256 pad, 257 bos, 258 eos; vocab_size 260.
+
+  Encoding never fails: non-UTF-8 input bytes are kept as they are.
+  """
+  name = "bytes"
+  vocab_size = 260
+  pad_id = 256
+  bos_id = 257
+  eos_id = 258
+
+  def encode(self, text: Text) -> np.ndarray:
+    return np.frombuffer(as_bytes(text), dtype=np.uint8).astype(np.int32)
+
+  def decode_bytes(self, ids: Sequence[int]) -> bytes:
+    """The raw bytes of `ids` (special ids dropped)."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    return ids[(ids >= 0) & (ids < 256)].astype(np.uint8).tobytes()
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+  def bytes_per_token(self, texts: Iterable[Text] = ()) -> float:
+    del texts  # exactly one byte per token by construction
+    return 1.0
+
+  def __repr__(self):
+    return "ByteTokenizer()"
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A SentencePiece model loaded from `model_path`.
+
+  Models trained by scripts/train_tokenizer.py round-trip text exactly
+  (identity normalisation, byte fallback, no dummy prefix). Bytes that are
+  not valid UTF-8 are replaced by U+FFFD before encoding.
+  """
+  name = "sentencepiece"
+
+  def __init__(self, model_path: str):
+    import sentencepiece as spm  # local import: the byte tokenizer needs nothing
+    model_path = os.fspath(model_path)
+    if not os.path.exists(model_path):
+      raise FileNotFoundError(
+          f"SentencePiece model not found: {model_path}. Train one with:\n  "
+          + TRAIN_TOKENIZER_COMMAND.format(path=model_path))
+    self.model_path = model_path
+    self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    self.vocab_size = int(self._sp.get_piece_size())
+    # A model without a pad piece still needs an in-vocabulary id for padding
+    # (it always carries weight 0); use 0.
+    self.pad_id = int(self._sp.pad_id()) if self._sp.pad_id() >= 0 else 0
+    self.eos_id = int(self._sp.eos_id())
+    self.bos_id = int(self._sp.bos_id())
+
+  def encode(self, text: Text) -> np.ndarray:
+    return np.asarray(self._sp.encode(as_str(text)), dtype=np.int32)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    special = {self.pad_id, self.eos_id, self.bos_id}
+    return self._sp.decode([i for i in ids if i not in special and 0 <= i < self.vocab_size])
+
+  def __repr__(self):
+    return f"SentencePieceTokenizer({self.model_path!r})"
+
+
+def get_tokenizer(name_or_path: str) -> Tokenizer:
+  """"bytes" -> ByteTokenizer; a path to a .model file -> SentencePieceTokenizer."""
+  if isinstance(name_or_path, Tokenizer):
+    return name_or_path
+  if name_or_path in ("bytes", "byte"):
+    return ByteTokenizer()
+  if str(name_or_path).endswith(".model") or os.path.sep in str(name_or_path):
+    return SentencePieceTokenizer(os.path.expanduser(str(name_or_path)))
+  raise ValueError(
+      f"Unknown tokenizer {name_or_path!r}: use 'bytes' or the path of a SentencePiece "
+      ".model file (train one with scripts/train_tokenizer.py)")
