@@ -130,7 +130,8 @@ def _bucket_kernel(q_ref, k_ref, bias_ref, max_ref, arg_ref, *, num_blocks, bloc
     best, arg = carry
     start = pl.multiple_of(j * block_k, block_k)
     kb = k_ref[pl.ds(start, block_k), :]                            # [S, D]
-    s = pl.dot(q, kb, trans_b=True).astype(jnp.float32)             # [block_q, S]
+    s = jax.lax.dot_general(q, kb, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)   # [block_q, S]
     s = s + bias_ref[pl.ds(start, block_k)][None, :]
     better = s > best
     return jnp.where(better, s, best), jnp.where(better, j, arg)

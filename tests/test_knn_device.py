@@ -1,0 +1,104 @@
+"""DeviceBackend: recall, masking of empty slots, odd sizes, jit and grad."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memorizing import knn
+from memorizing import memory as M
+from memorizing.knn import device
+from memorizing.knn.exact import ExactBackend
+
+K = 32
+
+
+def full_memory(keys, count=None):
+  b, h, n, d = keys.shape
+  count = jnp.full((b,), n if count is None else count, jnp.int32)
+  return M.MemoryState(keys=keys, values=keys, pointer=count % n, count=count)
+
+
+def search(backend, queries, mem, k=K):
+  return jax.jit(lambda q, m: backend.search(q, m, k, None))(queries, mem)
+
+
+@pytest.mark.parametrize("size", [1536, 8192])
+def test_device_recall_at_least_0_9_on_structured_keys(size):
+  keys, queries = device.synthetic_memory(jax.random.PRNGKey(0), 2, 2, size, 256, 64)
+  mem = full_memory(keys)
+  ei, ev = ExactBackend().search(queries, mem, K)
+  i, v = search(device.DeviceBackend(impl="xla"), queries, mem)
+  r = device.recall(i, v, ei, ev)
+  assert r >= 0.9, r
+  assert r < 1.0  # really approximate at these sizes: the test can tell
+
+
+def test_default_bucket_count_follows_recall_target():
+  assert device.buckets_for_recall(32, 0.9) == 256
+  assert device.buckets_for_recall(32, 0.8) == 128
+  assert device.DeviceBackend(num_buckets=64).buckets(32) == 64
+
+
+def test_device_pallas_kernel_in_interpret_mode_matches_xla():
+  keys, queries = device.synthetic_memory(jax.random.PRNGKey(1), 1, 2, 1000, 40, 32)
+  mem = full_memory(keys, count=900)     # odd N, partly filled, Q not a multiple of block_q
+  a = search(device.DeviceBackend(impl="xla", num_buckets=64), queries, mem)
+  b = search(device.DeviceBackend(impl="pallas", num_buckets=64, block_q=16, interpret=True),
+             queries, mem)
+  np.testing.assert_array_equal(a[1], b[1])
+  np.testing.assert_array_equal(np.where(a[1], a[0], -1), np.where(b[1], b[0], -1))
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas", "exact"])
+def test_device_never_marks_slots_beyond_count_valid(impl):
+  keys, queries = device.synthetic_memory(jax.random.PRNGKey(2), 3, 2, 700, 16, 32)
+  count = jnp.array([0, 5, 650], jnp.int32)   # empty row, fewer than k, many buckets
+  mem = M.MemoryState(keys=keys, values=keys, pointer=count, count=count)
+  be = device.DeviceBackend(impl=impl, num_buckets=64, block_q=16, interpret=True)
+  i, v = search(be, queries, mem)
+  assert i.shape == v.shape == (3, 2, 16, K) and i.dtype == jnp.int32
+  assert not v[0].any()                          # empty row: nothing valid
+  assert (v[1].sum(-1) == 5).all()               # exactly the 5 stored slots
+  assert set(np.asarray(i[1])[np.asarray(v[1])].tolist()) == set(range(5))
+  assert (np.asarray(i[2])[np.asarray(v[2])] < 650).all()
+  assert (v[2].sum(-1) == K).all()
+
+
+def test_device_memory_smaller_than_buckets_is_exact():
+  keys, queries = device.synthetic_memory(jax.random.PRNGKey(3), 1, 1, 100, 8, 16)
+  mem = full_memory(keys, count=90)
+  ei, ev = ExactBackend().search(queries, mem, K)
+  i, v = search(device.DeviceBackend(), queries, mem)
+  assert device.recall(i, v, ei, ev) == 1.0
+  # memory smaller than k: every stored slot once, the rest invalid
+  small = full_memory(keys[:, :, :10])
+  i, v = search(device.DeviceBackend(), queries, small)
+  assert (v.sum(-1) == 10).all()
+
+
+def test_device_rows_reset_this_segment_return_nothing():
+  keys, queries = device.synthetic_memory(jax.random.PRNGKey(4), 2, 1, 512, 8, 16)
+  mem = M.reset(full_memory(keys), jnp.array([True, False]))
+  i, v = search(device.DeviceBackend(num_buckets=32), queries, mem)
+  assert not v[0].any() and v[1].all()
+
+
+def test_device_search_under_grad_gives_query_gradients():
+  keys, queries = device.synthetic_memory(jax.random.PRNGKey(5), 1, 2, 600, 8, 16)
+  mem = full_memory(keys)
+  be = device.DeviceBackend(num_buckets=32)
+
+  def loss(q):
+    idx, valid = be.search(jax.lax.stop_gradient(q), mem, 4, None)
+    got = knn.gather(mem.keys, idx)                          # [B,H,Q,k,D]
+    return jnp.sum(jnp.where(valid[..., None], got, 0.0) * q[:, :, :, None, :])
+
+  g = jax.jit(jax.grad(loss))(queries)
+  assert g.shape == queries.shape and float(jnp.abs(g).sum()) > 0
+
+
+def test_device_backend_comes_from_registry_with_options():
+  be = knn.get_backend("device", (("num_buckets", 128),))
+  assert isinstance(be, device.DeviceBackend) and be.buckets(32) == 128
+  with pytest.raises(ValueError, match="impl"):
+    device.DeviceBackend(impl="nope")
