@@ -199,10 +199,12 @@ class Prefetch:
   """Runs `iterator` (with get_state/set_state) `size` batches ahead in a thread.
 
   `get_state()` is the position as of the last batch this wrapper returned,
-  not of the batches waiting in the queue.
+  not of the batches waiting in the queue. A deep queue (default 64 batches)
+  hides the time a row spends tokenising its next document with SentencePiece
+  (tens of ms for a long one); see scripts/benchmark_data.py.
   """
 
-  def __init__(self, iterator, size: int = 2):
+  def __init__(self, iterator, size: int = 64):
     if size < 1:
       raise ValueError(f"Prefetch size must be >= 1, got {size}")
     self._it = iterator

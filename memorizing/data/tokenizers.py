@@ -7,7 +7,7 @@ converted to bits per byte: bits_per_byte = nats_per_token / ln(2) / bytes_per_t
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -135,3 +135,55 @@ def get_tokenizer(name_or_path: str) -> Tokenizer:
   raise ValueError(
       f"Unknown tokenizer {name_or_path!r}: use 'bytes' or the path of a SentencePiece "
       ".model file (train one with scripts/train_tokenizer.py)")
+
+
+def _lines(texts: Iterable[Text], max_bytes: Optional[int]) -> Iterable[str]:
+  """Training sentences: the lines of `texts` (newlines are a symbol of their own)."""
+  total = 0
+  for text in texts:
+    for line in as_str(text).split("\n"):
+      if line:
+        yield line
+        total += len(line)
+    if max_bytes is not None and total >= max_bytes:
+      return
+
+
+def train_sentencepiece(texts: Iterable[Text], output_path: str, vocab_size: int = 32000, *,
+                        model_type: str = "unigram", max_sentences: int = 2_000_000,
+                        max_bytes: Optional[int] = None, num_threads: Optional[int] = None,
+                        ) -> SentencePieceTokenizer:
+  """Train a SentencePiece model on `texts` that round-trips text exactly.
+
+  Exactness comes from: identity normalisation, no removal of extra
+  whitespace, no dummy prefix, byte fallback (any byte is a piece, no <unk>),
+  whitespace-only pieces (indentation), and "\\n" as a user-defined symbol
+  (training sentences are lines, so it never appears inside one). Digits are
+  split. Ids: pad 0, eos 1, unk 2, no bos. Writes `output_path` (ending in
+  .model) and its .vocab, and returns the loaded tokenizer.
+  """
+  import sentencepiece as spm
+  if not str(output_path).endswith(".model"):
+    raise ValueError(f"output_path must end in .model, got {output_path!r}")
+  os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(_lines(texts, max_bytes)),
+      model_prefix=str(output_path)[:-len(".model")],
+      vocab_size=vocab_size,
+      model_type=model_type,
+      character_coverage=0.9995,
+      byte_fallback=True,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      split_digits=True,
+      allow_whitespace_only_pieces=True,
+      user_defined_symbols=["\n"],
+      max_sentence_length=1 << 16,
+      input_sentence_size=max_sentences,
+      shuffle_input_sentence=True,
+      pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+      num_threads=num_threads or os.cpu_count() or 1,
+      minloglevel=2,
+  )
+  return SentencePieceTokenizer(output_path)
