@@ -39,12 +39,30 @@ DEVICE_CONFIGS = [
     ("xla f32 S=256", dict(impl="xla", compute_dtype="float32", num_buckets=256)),
     ("xla bf16 S=256", dict(impl="xla", compute_dtype="bfloat16", num_buckets=256)),
     ("xla bf16 S=128", dict(impl="xla", compute_dtype="bfloat16", num_buckets=128)),
-    ("pallas bf16 S=128 bq=64 w4", dict(impl="pallas", num_buckets=128, block_q=64, num_warps=4)),
-    ("pallas bf16 S=128 bq=128 w8", dict(impl="pallas", num_buckets=128, block_q=128, num_warps=8)),
-    ("pallas bf16 S=256 bq=64 w8", dict(impl="pallas", num_buckets=256, block_q=64, num_warps=8)),
-    ("pallas bf16 S=256 bq=128 w8", dict(impl="pallas", num_buckets=256, block_q=128, num_warps=8)),
+    ("pallas S=128 bq=64 w4", dict(impl="pallas", num_buckets=128, block_q=64, num_warps=4)),
+    ("pallas S=128 bq=64 w4 packed", dict(impl="pallas", num_buckets=128, block_q=64, num_warps=4, packed=True)),
+    ("pallas S=128 bq=128 w4 packed", dict(impl="pallas", num_buckets=128, block_q=128, num_warps=4, packed=True)),
+    ("pallas S=256 bq=32 w4", dict(impl="pallas", num_buckets=256, block_q=32, num_warps=4)),
+    ("pallas S=256 bq=64 w4", dict(impl="pallas", num_buckets=256, block_q=64, num_warps=4)),
+    ("pallas S=256 bq=64 w4 packed", dict(impl="pallas", num_buckets=256, block_q=64, num_warps=4, packed=True)),
+    ("pallas S=256 bq=64 w8 packed", dict(impl="pallas", num_buckets=256, block_q=64, num_warps=8, packed=True)),
+    ("pallas S=256 bq=32 w4 packed", dict(impl="pallas", num_buckets=256, block_q=32, num_warps=4, packed=True)),
     ("auto (default options)", dict()),
 ]
+
+
+def exact_search(queries, mem, k, max_elements=2 ** 31):
+  """ExactBackend in query chunks, so huge N does not run out of memory."""
+  b, h, q, d = queries.shape
+  chunk = q
+  while b * h * chunk * mem.size > max_elements and chunk % 2 == 0:
+    chunk //= 2
+  if chunk == q:
+    return ExactBackend().search(queries, mem, k)
+  qs = queries.reshape(b, h, q // chunk, chunk, d).transpose(2, 0, 1, 3, 4)
+  i, v = jax.lax.map(lambda x: ExactBackend().search(x, mem, k), qs)
+  merge = lambda x: x.transpose(1, 2, 0, 3, 4).reshape(b, h, q, k)
+  return merge(i), merge(v)
 
 
 def time_fn(fn, *args, repeats: int):
@@ -67,11 +85,13 @@ def bench_size(args, n: int, rows: list):
   common = dict(n=n, batch=b, heads=h, queries=q, dim=d, k=k)
   backends = args.backends.split(",")
 
-  exact_fn = jax.jit(lambda qq, m: ExactBackend().search(qq, m, k))
+  exact_fn = jax.jit(lambda qq, m: exact_search(qq, m, k))
   ei, ev = exact_fn(queries, mem)
   if "exact" in backends:
     ms = time_fn(exact_fn, queries, mem, repeats=args.repeats)
-    rows.append(dict(common, backend="exact", config="lax.top_k f32", ms=ms, recall=1.0))
+    chunked = b * h * q * n > 2 ** 31
+    rows.append(dict(common, backend="exact", config="lax.top_k f32" + (" (q chunks)" if chunked else ""),
+                     ms=ms, recall=1.0))
     print_row(rows[-1])
 
   kb, qb = keys.astype(jnp.bfloat16), queries.astype(jnp.bfloat16)
@@ -117,7 +137,7 @@ def bench_scann(args, common, mem, queries, keys, k, rows):
   def step(m, qq, new):
     ctx = knn.SearchContext(layer=0, train=True, reset=jnp.zeros((b,), bool), new_keys=new)
     i, v = be.search(qq, m, k, ctx)
-    ei, ev = ExactBackend().search(qq, m, k)
+    ei, ev = exact_search(qq, m, k)
     return M.append(m, new, new), (i, v, ei, ev)
 
   recalls, total, search, insert = [], [], [], []
@@ -174,16 +194,20 @@ def main():
         f"{args.batch} rows x {args.heads} heads x {args.queries} queries, k={args.k}")
   print(f"{'N':>7} {'dim':>4} {'backend':<12} {'config':<30} {'time':>13}  recall")
   rows = []
+  meta = dict(jax=jax.__version__, platform=jax.default_backend(),
+              device=jax.devices()[0].device_kind, host=platform.node(), args=dict(vars(args)))
   for d in map(int, args.dims.split(",")):
     args.dim = d
     for n in map(int, args.sizes.split(",")):
-      bench_size(args, n, rows)
+      try:
+        bench_size(args, n, rows)
+      except Exception as e:  # e.g. out of memory at the largest size: keep the rest
+        traceback.print_exc()
+        rows.append(dict(n=n, dim=d, backend="all", config="", error=f"{type(e).__name__}: {str(e)[:300]}"))
+      if args.output:      # after every size, so a run cut short still leaves its rows
+        with open(args.output, "w") as f:
+          json.dump(dict(meta=meta, rows=rows), f, indent=1)
   if args.output:
-    meta = dict(jax=jax.__version__, platform=jax.default_backend(),
-                device=jax.devices()[0].device_kind, host=platform.node(),
-                args=vars(args))
-    with open(args.output, "w") as f:
-      json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print("wrote", args.output)
 
 

@@ -116,23 +116,41 @@ def _buckets_xla(queries, keys, count, num_buckets, k, score_dtype, max_score_el
 # Fused Pallas (Triton) implementation for GPUs
 
 
-def _bucket_kernel(q_ref, k_ref, bias_ref, max_ref, arg_ref, *, num_blocks, block_k):
+def _bucket_kernel(q_ref, k_ref, bias_ref, max_ref, arg_ref, *, num_blocks, block_k,
+                   index_bits):
   """One program: `block_q` queries of one (row, head) against all its keys.
 
   q_ref [block_q, D], k_ref [n_pad, D], bias_ref [n_pad],
   max_ref [block_q, S] f32, arg_ref [block_q, S] int32 (block number j; slot = j*S + col).
+  With index_bits > 0 ("packed"), max_ref is unused and arg_ref holds, per
+  bucket, the max of (order-preserving int32 of the score, low index_bits
+  bits replaced by j): one integer max per score instead of compare + 2 selects.
   """
   from jax.experimental import pallas as pl
   q = q_ref[...]
   block_q = q.shape[0]
 
-  def body(j, carry):
-    best, arg = carry
+  def scores(j):
     start = pl.multiple_of(j * block_k, block_k)
     kb = k_ref[pl.ds(start, block_k), :]                            # [S, D]
     s = jax.lax.dot_general(q, kb, (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)   # [block_q, S]
-    s = s + bias_ref[pl.ds(start, block_k)][None, :]
+    return s + bias_ref[pl.ds(start, block_k)][None, :]
+
+  if index_bits:
+    def body(j, best):
+      key = _sortable_int(scores(j))
+      key = (key & jnp.int32(~((1 << index_bits) - 1))) | j
+      return jnp.maximum(best, key)
+    best = jax.lax.fori_loop(0, num_blocks, body,
+                             jnp.full((block_q, block_k), jnp.iinfo(jnp.int32).min, jnp.int32))
+    max_ref[...] = jnp.zeros((block_q, block_k), jnp.float32)
+    arg_ref[...] = best
+    return
+
+  def body(j, carry):
+    best, arg = carry
+    s = scores(j)
     better = s > best
     return jnp.where(better, s, best), jnp.where(better, j, arg)
 
@@ -143,8 +161,19 @@ def _bucket_kernel(q_ref, k_ref, bias_ref, max_ref, arg_ref, *, num_blocks, bloc
   arg_ref[...] = arg
 
 
+def _sortable_int(x: jax.Array) -> jax.Array:
+  """float32 -> int32 with the same order (and back: it is its own inverse)."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _unsortable(key: jax.Array) -> jax.Array:
+  bits = jnp.where(key < 0, key ^ jnp.int32(0x7FFFFFFF), key)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def _buckets_pallas(queries, keys, count, num_buckets, k, compute_dtype, block_q,
-                    num_warps, num_stages, interpret):
+                    num_warps, num_stages, interpret, packed=False):
   """Same contract as _buckets_xla, fused; S must be a power of two >= 16."""
   from jax.experimental import pallas as pl
   b, h, q, d = queries.shape
@@ -162,7 +191,10 @@ def _buckets_pallas(queries, keys, count, num_buckets, k, compute_dtype, block_q
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-  kernel = functools.partial(_bucket_kernel, num_blocks=n_pad // s, block_k=s)
+  num_blocks = n_pad // s
+  index_bits = max(1, (num_blocks - 1).bit_length()) if packed else 0
+  kernel = functools.partial(_bucket_kernel, num_blocks=num_blocks, block_k=s,
+                             index_bits=index_bits)
   best, arg = pl.pallas_call(
       kernel,
       grid=(b * h, q_pad // block_q),
@@ -178,6 +210,13 @@ def _buckets_pallas(queries, keys, count, num_buckets, k, compute_dtype, block_q
   )(qf, kf, bias)
   best = best.reshape(b, h, q_pad, s)[:, :, :q]
   arg = arg.reshape(b, h, q_pad, s)[:, :, :q]
+  if packed:
+    keyv, bucket = jax.lax.top_k(arg, min(k, s))
+    low = jnp.int32((1 << index_bits) - 1)
+    vals = _unsortable(keyv & ~low)
+    vals = jnp.where(vals > -1e30, vals, -jnp.inf)      # -inf comes back as NaN: invalid
+    slots = (keyv & low) * s + bucket
+    return vals, slots.astype(jnp.int32)
   vals, bucket = jax.lax.top_k(best, min(k, s))
   slots = jnp.take_along_axis(arg, bucket, axis=-1) * s + bucket
   return vals, slots.astype(jnp.int32)
@@ -200,13 +239,17 @@ class DeviceBackend(knn.KNNBackend):
                     that one [B,H,chunk,N] score block stays under this.
     block_q, num_warps, num_stages: Pallas tiling (64, 8, 3).
     interpret:      False; True runs the Pallas kernel in interpret mode (CPU tests).
+    packed:         False; the Pallas kernel keeps one int32 per bucket: the
+                    score's order-preserving bits with the block number in the
+                    low ceil(log2(N/S)) bits (relative score error <= 2^(bits-23)).
   """
   name = "device"
 
   def __init__(self, recall_target: float = 0.9, num_buckets: Optional[int] = None,
                impl: str = "auto", compute_dtype: str = "auto",
                max_score_elements: int = 2 ** 30, block_q: int = 64,
-               num_warps: int = 8, num_stages: int = 3, interpret: bool = False):
+               num_warps: int = 8, num_stages: int = 3, interpret: bool = False,
+               packed: bool = False):
     if impl not in ("auto", "xla", "pallas", "approx_max_k", "exact"):
       raise ValueError(f"DeviceBackend impl={impl!r}; choose auto, xla, pallas, approx_max_k or exact")
     if compute_dtype != "auto" and compute_dtype not in _DTYPES:
@@ -223,6 +266,7 @@ class DeviceBackend(knn.KNNBackend):
     self.num_warps = num_warps
     self.num_stages = num_stages
     self.interpret = interpret
+    self.packed = packed
 
   def buckets(self, k: int) -> int:
     return self.num_buckets or buckets_for_recall(k, self.recall_target)
@@ -268,7 +312,8 @@ class DeviceBackend(knn.KNNBackend):
       vals, idx = jax.lax.approx_max_k(scores, min(k, n), recall_target=self.recall_target)
     elif impl == "pallas":
       vals, idx = _buckets_pallas(queries, keys, count, s, k, dtype, self.block_q,
-                                  self.num_warps, self.num_stages, self.interpret)
+                                  self.num_warps, self.num_stages, self.interpret,
+                                  self.packed)
     else:
       score_dtype = jnp.float32 if dtype == jnp.float32 else dtype
       vals, idx = _buckets_xla(queries.astype(dtype), keys.astype(dtype), count, s, k,
