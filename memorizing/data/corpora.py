@@ -158,6 +158,14 @@ class TextFiles(_LocalCorpus):
     return {"source": self.source, "min_bytes": self.min_bytes,
             "validation_fraction": self.validation_fraction}
 
+  def check_source(self) -> None:
+    """Raise ValueError now, before building, when the source holds no files."""
+    if not self.source:
+      raise ValueError("text_files needs a source: a directory or a glob of text files "
+                       "(prepare_data.py text_files --source PATH_OR_GLOB)")
+    if len(list_text_files(self.source)[1]) < 2:
+      raise ValueError(f"text_files: {self.source!r} matches fewer than 2 files")
+
   def documents(self) -> List[Document]:
     if not self.source:
       raise ValueError("text_files needs a source: a directory or a glob of text files "

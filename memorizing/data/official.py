@@ -68,8 +68,8 @@ def c4_json_examples(pattern: str) -> Iterator[dict]:
         yield {k: ex.get(k, "") for k in C4_FEATURES}
 
 
-def c4_tfds_examples(source_data_dir: str, split: str) -> Iterator[dict]:
-  """Examples of `c4/en` prepared as ArrayRecord under `source_data_dir`."""
+def c4_tfds_source(source_data_dir: str, split: str):
+  """Random-access examples of `c4/en` prepared as ArrayRecord under `source_data_dir`."""
   from memorizing.data import registry  # the prepared-directory lookup lives there
   builder_dir = registry.find_prepared(source_data_dir, "c4/en")
   if builder_dir is None:
@@ -79,9 +79,11 @@ def c4_tfds_examples(source_data_dir: str, split: str) -> Iterator[dict]:
         f"tfds build c4/en --data_dir {source_data_dir} --file_format array_record "
         "--beam_pipeline_options=...\nor point --c4_json at the C4 JSON-lines files "
         "(huggingface.co/datasets/allenai/c4, en/c4-validation.*.json.gz).")
-  source = tfds.builder_from_directory(builder_dir).as_data_source(split=split)
-  for i in range(len(source)):
-    yield source[i]
+  builder = tfds.builder_from_directory(builder_dir)
+  if split not in builder.info.splits:
+    raise SourceUnavailableError(f"c4/en in {builder_dir} has no split {split!r} "
+                                 f"(it has: {', '.join(builder.info.splits)})")
+  return builder.as_data_source(split=split)
 
 
 class C44k(tfds.core.GeneratorBasedBuilder):
@@ -114,10 +116,23 @@ class C44k(tfds.core.GeneratorBasedBuilder):
                                         min_tokens=self.min_tokens),
     )
 
+  def check_source(self) -> None:
+    """Raise SourceUnavailableError now, before building, when a source is missing."""
+    for split in self.split_names:
+      if self.json_files:
+        if not glob.glob(os.path.expanduser(self.json_files[split])):
+          raise SourceUnavailableError(f"no C4 JSON files match {self.json_files[split]!r}")
+      else:
+        c4_tfds_source(self._source_data_dir(), split)
+
+  def _source_data_dir(self) -> str:
+    return self.source_data_dir or os.fspath(self.data_dir_root)
+
   def source_examples(self, split: str) -> Iterator[dict]:
     if self.json_files:
       return c4_json_examples(self.json_files[split])
-    return c4_tfds_examples(self.source_data_dir or os.fspath(self.data_dir_root), split)
+    source = c4_tfds_source(self._source_data_dir(), split)
+    return (source[i] for i in range(len(source)))
 
   def _split_generators(self, dl_manager):
     del dl_manager

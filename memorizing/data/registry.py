@@ -113,6 +113,8 @@ def prepare(name: str, data_dir: Optional[str] = None, **options) -> str:
     official.prepare_tfds(spec.tfds_name, data_dir)
     return f"{name}: prepared {spec.tfds_name} in {data_dir}"
   builder = spec.builder(data_dir=data_dir, file_format="array_record", **options)
+  if hasattr(builder, "check_source") and find_prepared(data_dir, spec.tfds_name) is None:
+    builder.check_source()
   builder.download_and_prepare()
   if hasattr(builder, "summary"):  # local corpora built just now
     return builder.summary
