@@ -11,3 +11,10 @@ from memorizing.data.registry import (DATASETS, DatasetError, DatasetSpec, Docum
                                       prepare_command)
 from memorizing.data.pipeline import (BATCH_KEYS, Batch, DocumentStream, Prefetch,
                                       restart_at_next_documents)
+
+__all__ = [
+    "BATCH_KEYS", "Batch", "ByteTokenizer", "DATASETS", "DatasetError", "DatasetSpec",
+    "DocumentStream", "Documents", "Prefetch", "SentencePieceTokenizer", "Tokenizer",
+    "default_data_dir", "get_tokenizer", "load_documents", "prepare", "prepare_command",
+    "restart_at_next_documents",
+]

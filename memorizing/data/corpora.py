@@ -22,7 +22,7 @@ import hashlib
 import os
 import sys
 import sysconfig
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds

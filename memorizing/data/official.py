@@ -18,11 +18,10 @@ import gzip
 import json
 import os
 import socket
-from typing import Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, Optional
 
 import tensorflow_datasets as tfds
 
-from memorizing.data import stats
 from memorizing.data.tokenizers import Tokenizer, as_bytes, get_tokenizer
 
 
