@@ -111,7 +111,7 @@ class ScannBackend(knn.KNNBackend):
 
   Options (ModelConfig.knn_options):
     tree_min_size: 4096; rows holding fewer keys use exact brute force only.
-    leaf_fraction: 0.15; fraction of tree leaves searched (tuned for recall 0.9,
+    leaf_fraction: 0.2; fraction of tree leaves searched (tuned for recall 0.9,
                    docs/knn.md says how).
     min_leaves_to_search: 8.
     leaves_per_sqrt: 1.0; num_leaves = round(leaves_per_sqrt * sqrt(c)).
@@ -123,7 +123,7 @@ class ScannBackend(knn.KNNBackend):
   """
   name = "scann"
 
-  def __init__(self, tree_min_size: int = 4096, leaf_fraction: float = 0.15,
+  def __init__(self, tree_min_size: int = 4096, leaf_fraction: float = 0.2,
                min_leaves_to_search: int = 8, leaves_per_sqrt: float = 1.0,
                tail_fraction: float = 0.25, training_iterations: int = 10,
                num_threads: Optional[int] = None):
