@@ -31,8 +31,8 @@ class XLCache:
 
 def init_xl_cache(config: ModelConfig, batch: int) -> XLCache:
   shape = (batch, config.num_heads, config.segment_length, config.head_dim)
-  zeros = jnp.zeros(shape, config.compute_dtype)
-  return XLCache(keys=zeros, values=zeros, valid=jnp.zeros((batch,), bool))
+  return XLCache(keys=jnp.zeros(shape, config.compute_dtype),
+                 values=jnp.zeros(shape, config.compute_dtype), valid=jnp.zeros((batch,), bool))
 
 
 def relative_position_bucket(distance: jax.Array, num_buckets: int, max_distance: int) -> jax.Array:

@@ -39,8 +39,9 @@ class MemoryState:
 
 def init(batch: int, heads: int, size: int, head_dim: int, dtype=jnp.float32) -> MemoryState:
   """An empty memory."""
-  zeros = jnp.zeros((batch, heads, size, head_dim), dtype)
-  return MemoryState(keys=zeros, values=zeros,
+  shape = (batch, heads, size, head_dim)
+  # Two distinct buffers: the trainer donates the state, and a buffer may be donated once.
+  return MemoryState(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
                      pointer=jnp.zeros((batch,), jnp.int32),
                      count=jnp.zeros((batch,), jnp.int32))
 

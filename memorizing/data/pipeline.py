@@ -50,8 +50,12 @@ class DocumentStream:
   def __init__(self, documents: Sequence, tokenizer: Tokenizer, batch_size: int,
                segment_length: int, *, shuffle_seed: Optional[int] = None,
                repeat: bool = False, process_index: int = 0, process_count: int = 1,
-               min_length: int = 0):
-    """batch_size is global: this process serves batch_size // process_count rows."""
+               min_length: int = 0, max_tokens: Optional[int] = None):
+    """batch_size is global: this process serves batch_size // process_count rows.
+
+    max_tokens: keep only each document's first `max_tokens` tokens (a prefix;
+    for evaluation budgets). None keeps whole documents.
+    """
     if segment_length <= 0:
       raise ValueError(f"segment_length must be > 0, got {segment_length}")
     if not 0 <= process_index < process_count:
@@ -69,6 +73,7 @@ class DocumentStream:
     self.process_index = process_index
     self.process_count = process_count
     self.min_length = max(2, int(min_length))
+    self.max_tokens = int(max_tokens) if max_tokens else None
     self._num_documents = len(documents)
     self._order_epoch = None
     self._order_cache = None
@@ -103,7 +108,7 @@ class DocumentStream:
         continue
       index = int(order[self._cursor])
       self._cursor += 1
-      tokens = self.tokenizer.encode(self.documents[index])
+      tokens = self._encode(index)
       if len(tokens) < self.min_length:
         skipped += 1
         continue
@@ -148,7 +153,11 @@ class DocumentStream:
     self._cursor = int(cursor)
     self._epoch = int(epoch)
     self._tokens: List[Optional[np.ndarray]] = [
-        self.tokenizer.encode(self.documents[d]) if d >= 0 else None for d in self._doc]
+        self._encode(d) if d >= 0 else None for d in self._doc]
+
+  def _encode(self, index: int) -> np.ndarray:
+    tokens = self.tokenizer.encode(self.documents[index])
+    return tokens[:self.max_tokens] if self.max_tokens else tokens
 
   def get_state(self) -> dict:
     """The position after the last batch returned (JSON-serialisable)."""

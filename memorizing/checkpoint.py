@@ -1,0 +1,204 @@
+"""Orbax checkpoints: params, optimizer state, step, data position, carried state.
+
+One orbax step holds the items
+  state    {step, params, opt_state}
+  carried  the model's carried state (XL caches, kNN memories), unless turned off
+  data     the data position of every process (JSON)
+  meta     {"carried": bool}
+so nothing else is needed to resume exactly.
+
+Resume order (the one place it is written down):
+  1. the latest readable checkpoint in the work directory;
+  2. else `--init_from` (a work directory or checkpoint directory): parameters
+     only, matched by name; parameters the source lacks (the memory gate when
+     adding memory to a model trained without it) keep their initial values;
+  3. else from scratch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be used; the message names the cause."""
+
+
+def check_workdir(workdir: str) -> str:
+  """Creates `workdir` and checks it is writable; returns its absolute path."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointError(f"work directory {workdir} is not writable ({e.strerror}); "
+                          "choose another --workdir") from e
+  return workdir
+
+
+def _abstract(tree, shardings):
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _gather_positions(position: dict) -> list:
+  """Data position of every process, in process order."""
+  if jax.process_count() == 1:
+    return [position]
+  from jax.experimental import multihost_utils
+  raw = json.dumps(position).encode()
+  buf = np.zeros((1 << 16,), np.uint8)
+  if len(raw) > buf.size:
+    raise CheckpointError(f"data position of {len(raw)} bytes is too large to gather")
+  buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+  everything = np.asarray(multihost_utils.process_allgather(buf))
+  return [json.loads(bytes(row).rstrip(b"\0")) for row in everything]
+
+
+class CheckpointManager:
+  """Keeps the `keep` newest checkpoints of `workdir/checkpoints`; saves are atomic."""
+
+  def __init__(self, workdir: str, keep: int = 3, save_carried_state: bool = True):
+    self.directory = os.path.join(workdir, "checkpoints")
+    self.save_carried_state = save_carried_state
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def all_steps(self):
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state, data_position: dict) -> None:
+    items = {
+        "state": ocp.args.StandardSave({"step": state.step, "params": state.params,
+                                        "opt_state": state.opt_state}),
+        "data": ocp.args.JsonSave({"positions": _gather_positions(data_position)}),
+        "meta": ocp.args.JsonSave({"carried": self.save_carried_state}),
+    }
+    if self.save_carried_state:
+      items["carried"] = ocp.args.StandardSave(state.carried)
+    self._manager.save(step, args=ocp.args.Composite(**items))
+
+  def restore(self, step: int, abstract_state, shardings) -> Tuple[Any, dict, bool]:
+    """-> (state, this process's data position, whether carried state was restored)."""
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    has_carried = bool(meta["carried"])
+    items = {
+        "state": ocp.args.StandardRestore(_abstract(
+            {"step": abstract_state.step, "params": abstract_state.params,
+             "opt_state": abstract_state.opt_state},
+            {"step": shardings.step, "params": shardings.params,
+             "opt_state": shardings.opt_state})),
+        "data": ocp.args.JsonRestore(),
+    }
+    if has_carried:
+      items["carried"] = ocp.args.StandardRestore(
+          _abstract(abstract_state.carried, shardings.carried))
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    core = restored["state"]
+    positions = restored["data"]["positions"]
+    if len(positions) != jax.process_count():
+      raise CheckpointError(f"checkpoint {step} holds data positions of {len(positions)} "
+                            f"processes; this run has {jax.process_count()}")
+    state = abstract_state.replace(step=core["step"], params=core["params"],
+                                   opt_state=core["opt_state"])
+    return state, positions[jax.process_index()], has_carried
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+
+def _check_shapes(target_params, source_params, source: str) -> None:
+  flat_t = traverse_util.flatten_dict(target_params, sep="/")
+  flat_s = traverse_util.flatten_dict(source_params, sep="/")
+  for name, value in flat_s.items():
+    if name in flat_t and tuple(flat_t[name].shape) != tuple(np.shape(value)):
+      raise CheckpointError(
+          f"parameter {name} has shape {tuple(np.shape(value))} in {source} but "
+          f"{tuple(flat_t[name].shape)} in this model; the model configurations differ")
+
+
+def load_params(path: str, step: Optional[int] = None):
+  """Parameters (as numpy) of the checkpoint at `path` (a workdir or checkpoints dir)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  directory = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"no checkpoints in {path} (looked for {directory})")
+  manager = ocp.CheckpointManager(directory)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f"no finished checkpoint in {directory}")
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return restored["state"]["params"], step
+
+
+def merge_params(target_params, source_params, source: str) -> Tuple[Any, list]:
+  """Target params with every same-named source param copied in; names not in source."""
+  _check_shapes(target_params, source_params, source)
+  flat_t = traverse_util.flatten_dict(target_params, sep="/")
+  flat_s = traverse_util.flatten_dict(source_params, sep="/")
+  unknown = sorted(set(flat_s) - set(flat_t))
+  if unknown:
+    raise CheckpointError(f"{source} has parameters this model lacks: {', '.join(unknown[:5])}; "
+                          "the model configurations differ")
+  merged = {k: (np.asarray(flat_s[k]).astype(v.dtype) if k in flat_s else v)
+            for k, v in flat_t.items()}
+  kept = sorted(set(flat_t) - set(flat_s))
+  return traverse_util.unflatten_dict(merged, sep="/"), kept
+
+
+def resume(manager: CheckpointManager, abstract_state, shardings,
+           fresh_state: Callable[[], Any], init_optimizer: Callable[[Any], Any],
+           init_from: Optional[str]):
+  """The resume order of this module's docstring.
+
+  Returns (state, data position or None, whether the carried state was restored,
+  a line saying where the run started from).
+  """
+  steps = manager.all_steps()
+  for step in reversed(steps):
+    try:
+      state, position, has_carried = manager.restore(step, abstract_state, shardings)
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001 - unreadable: a mismatch, or try the previous one
+      _raise_if_shape_mismatch(e, manager.directory, step, abstract_state.params)
+      print(f"[memorizing] checkpoint {step} in {manager.directory} is unreadable "
+            f"({type(e).__name__}: {str(e)[:200]}); trying the previous one", flush=True)
+      continue
+    if not has_carried:
+      state = state.replace(carried=fresh_state().carried)
+    state = jax.device_put(state, shardings)
+    how = "with" if has_carried else "without (rows restart at their next document)"
+    return state, position, has_carried, f"resumed from checkpoint {step} {how} carried state"
+  if steps:
+    raise CheckpointError(f"none of the checkpoints {steps} in {manager.directory} could be read")
+  state = fresh_state()
+  if init_from:
+    source, step = load_params(init_from)
+    params, kept = merge_params(state.params, source, f"--init_from {init_from}")
+    state = state.replace(params=params, opt_state=init_optimizer(params))
+    added = f"; new parameters: {', '.join(kept)}" if kept else ""
+    return (jax.device_put(state, shardings), None, False,
+            f"initialised from {init_from} step {step}{added}")
+  return jax.device_put(state, shardings), None, False, "started from scratch"
+
+
+def _raise_if_shape_mismatch(error: Exception, directory: str, step: int, abstract_params) -> None:
+  """A checkpoint of another model shape is a config error, not corruption."""
+  try:
+    source, _ = load_params(directory, step)
+  except Exception:  # noqa: BLE001 - unreadable params: corruption, handled by the caller
+    return
+  _check_shapes(abstract_params, source, f"checkpoint {step} in {directory}")

@@ -1,0 +1,335 @@
+"""The training loop: `train_and_evaluate(model_config, train_config, workdir)`.
+
+Sections, in the order they run:
+  1. devices, mesh, shardings       (data parallel; rows and their memories together)
+  2. data: train stream, position   (document-ordered, DocumentStream)
+  3. model, optimizer, state        (TrainState: params, opt_state, step, carried)
+  4. resume                         (workdir checkpoint, else --init_from, else scratch)
+  5. the loop: train_step, metrics, checkpoints, periodic evaluation
+  6. final evaluation with memory and with memory disabled
+
+`train_step(state, batch, rng) -> (state, metrics)` is one pure function,
+jitted once with donated state; metrics are sums plus a denominator.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from memorizing import checkpoint as ckpt_lib
+from memorizing import evaluate as eval_lib
+from memorizing import metrics as metrics_lib
+from memorizing.config import ModelConfig
+from memorizing.data import pipeline, registry, tokenizers
+from memorizing.decoder import CarriedState, Decoder, carried_state_bytes, init_carried_state, init_params
+
+
+class TrainingError(RuntimeError):
+  """A run cannot go on; the message says why and what is safe on disk."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything about a run that is not the model (gin: `TrainConfig.x = ...`)."""
+  dataset: str = "python_stdlib"
+  data_dir: Optional[str] = None        # None: $MEMORIZING_DATA_DIR or ~/tensorflow_datasets
+  tokenizer: str = "bytes"              # "bytes" or a SentencePiece .model path
+  train_split: str = "train"
+  eval_split: str = "validation"
+  batch_size: int = 8                   # global rows (documents streamed in parallel)
+  eval_batch_size: int = 8
+  num_steps: int = 1000
+  optimizer: str = "adafactor"          # "adafactor" (paper) or "adamw"
+  schedule: str = "rsqrt"               # "rsqrt": linear warmup then rsqrt decay; "cosine"
+  learning_rate: float = 1.0            # rsqrt: lr * min(1, s/w) / sqrt(max(s, w)); adamw: peak
+  warmup_steps: int = 1000
+  weight_decay: float = 0.0
+  grad_clip_norm: float = 1.0           # 0 disables clipping
+  seed: int = 0
+  shuffle_documents: bool = True        # seeded order of whole documents (never inside one)
+  log_every: int = 50
+  eval_every: int = 0                   # 0: only at the end
+  eval_max_documents: int = 16
+  eval_max_document_tokens: int = 0     # >0: evaluate only each document's first N tokens
+  final_eval: bool = True               # evaluate with memory and with memory disabled at the end
+  checkpoint_every: int = 500           # 0: only at the end
+  keep_checkpoints: int = 3
+  save_carried_state: bool = True       # False: resume restarts each row at its next document
+  nan_policy: str = "stop"              # "stop" or "skip" (skip also drops that step's memory update)
+  multihost: bool = False               # call jax.distributed.initialize()
+  progress_bar: bool = True
+  prefetch: int = 2
+
+  def __post_init__(self):
+    choices = {"optimizer": ("adafactor", "adamw"), "schedule": ("rsqrt", "cosine"),
+               "nan_policy": ("stop", "skip")}
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; choose one of {allowed}")
+    for name in ("batch_size", "eval_batch_size", "num_steps", "log_every", "keep_checkpoints"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
+
+  def replace(self, **changes) -> "TrainConfig":
+    return dataclasses.replace(self, **changes)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  carried: CarriedState
+
+
+# --- optimizer ---------------------------------------------------------------------
+def learning_rate_schedule(cfg: TrainConfig):
+  warmup = max(cfg.warmup_steps, 1)
+  if cfg.schedule == "rsqrt":
+    def schedule(step):
+      step = jnp.maximum(step.astype(jnp.float32) + 1.0, 1.0)
+      return cfg.learning_rate * jnp.minimum(1.0, step / warmup) * jax.lax.rsqrt(jnp.maximum(step, warmup))
+    return schedule
+  return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup,
+                                            max(cfg.num_steps, warmup + 1))
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  schedule = learning_rate_schedule(cfg)
+  if cfg.optimizer == "adafactor":
+    opt = optax.adafactor(learning_rate=schedule, weight_decay_rate=cfg.weight_decay or None)
+  else:
+    opt = optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay)
+  if cfg.grad_clip_norm > 0:
+    opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), opt)
+  return opt
+
+
+# --- the step ----------------------------------------------------------------------
+def loss_sums(logits, targets, weights):
+  """Sum of weighted token cross-entropy (nats), and the weight sum."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def _tree_select(pred, new, old):
+  return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
+               model_config: ModelConfig, optimizer: optax.GradientTransformation,
+               skip_nonfinite: bool) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One optimizer step on one segment of each row; carries the memory forward."""
+  model = Decoder(model_config)
+  dropout_rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params):
+    logits, carried = model.apply({"params": params}, batch["tokens"], state.carried,
+                                  batch["start_of_document"], deterministic=False, train=True,
+                                  rngs={"dropout": dropout_rng})
+    loss_sum, weight = loss_sums(logits, batch["targets"], batch["weights"])
+    return loss_sum / jnp.maximum(weight, 1.0), (loss_sum, weight, carried)
+
+  (_, (loss_sum, weight, carried)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, carried=carried)
+  if skip_nonfinite:
+    # A skipped step also drops its carried-state update: that already holds its keys.
+    new_state = _tree_select(finite, new_state, state.replace(step=state.step + 1))
+  metrics = {"loss_sum": loss_sum, "weight_sum": weight, "grad_norm_sum": grad_norm,
+             "steps": jnp.ones((), jnp.float32),
+             "nonfinite": (~finite).astype(jnp.float32)}
+  return new_state, metrics
+
+
+# --- sharding ----------------------------------------------------------------------
+def make_mesh() -> Mesh:
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def row_sharding(mesh: Mesh, tree):
+  """Leading (row) axis split over devices; scalars replicated."""
+  return jax.tree_util.tree_map(
+      lambda x: NamedSharding(mesh, P("data") if np.ndim(x) >= 1 else P()), tree)
+
+
+def replicated(mesh: Mesh, tree):
+  return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), tree)
+
+
+def global_batch(batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:
+  """This process's rows -> a global array sharded by rows."""
+  return {k: jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), v)
+          for k, v in batch.items()}
+
+
+def check_fits_in_device_memory(model_config: ModelConfig, batch: int) -> None:
+  """Fails before allocation when the carried state cannot fit on the devices."""
+  need = carried_state_bytes(model_config, batch)
+  devices = jax.local_devices()
+  stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+  limit = (stats or {}).get("bytes_limit")
+  if limit and need > 0.9 * limit * len(jax.devices()):
+    mem = len(model_config.memory_layer_set)
+    raise TrainingError(
+        f"the kNN memories and XL caches need {need / 2**30:.1f} GiB "
+        f"(batch {batch} x heads {model_config.num_heads} x (memory {model_config.memory_size} "
+        f"x {mem} layer(s) + XL {model_config.segment_length} x {model_config.num_layers} layers)"
+        f" x head_dim {model_config.head_dim} x 2 (keys, values) x "
+        f"{jnp.dtype(model_config.compute_dtype).itemsize} bytes), more than the "
+        f"{limit * len(jax.devices()) / 2**30:.1f} GiB of device memory; lower batch_size or "
+        "ModelConfig.memory_size, or use dtype='bfloat16'")
+
+
+# --- the run -----------------------------------------------------------------------
+def make_stream(model_config: ModelConfig, cfg: TrainConfig, split: str, batch_size: int, *,
+                train: bool, max_documents: Optional[int] = None,
+                max_document_tokens: int = 0):
+  docs = registry.load_documents(cfg.dataset, split, cfg.data_dir, max_documents=max_documents)
+  tok = tokenizers.get_tokenizer(cfg.tokenizer)
+  if tok.vocab_size > model_config.vocab_size:
+    raise ValueError(f"tokenizer {cfg.tokenizer!r} has {tok.vocab_size} ids but "
+                     f"ModelConfig.vocab_size is {model_config.vocab_size}; raise vocab_size")
+  stream = pipeline.DocumentStream(
+      docs, tok, batch_size, model_config.segment_length,
+      shuffle_seed=cfg.seed if (train and cfg.shuffle_documents) else None,
+      repeat=train, process_index=jax.process_index(), process_count=jax.process_count(),
+      max_tokens=max_document_tokens or None)
+  return stream, docs, tok
+
+
+def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str,
+                       init_from: Optional[str] = None) -> Dict[str, Any]:
+  """Trains, checkpoints, evaluates; returns the final metrics (also in workdir)."""
+  # 1. devices, mesh ------------------------------------------------------------------
+  if cfg.multihost:
+    jax.distributed.initialize()
+  mesh = make_mesh()
+  n_dev = len(jax.devices())
+  if cfg.batch_size % n_dev:
+    raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} must be a multiple of the "
+                     f"{n_dev} devices (rows are split across devices)")
+  workdir = ckpt_lib.check_workdir(workdir)
+  check_fits_in_device_memory(model_config, cfg.batch_size)
+  logger = metrics_lib.MetricsLogger(workdir, enabled=jax.process_index() == 0)
+
+  # 2. data ---------------------------------------------------------------------------
+  stream, docs, tok = make_stream(model_config, cfg, cfg.train_split, cfg.batch_size, train=True)
+  bytes_per_token = tok.bytes_per_token([docs[i] for i in range(min(len(docs), 32))])
+
+  # 3. model, optimizer, state --------------------------------------------------------
+  optimizer = make_optimizer(cfg)
+  rng = jax.random.PRNGKey(cfg.seed)
+  init_rng, step_rng = jax.random.split(rng)
+
+  def fresh_state():
+    params = init_params(model_config, init_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params),
+                      carried=init_carried_state(model_config, cfg.batch_size))
+
+  abstract = jax.eval_shape(fresh_state)
+  shardings = TrainState(step=NamedSharding(mesh, P()),
+                         params=replicated(mesh, abstract.params),
+                         opt_state=replicated(mesh, abstract.opt_state),
+                         carried=row_sharding(mesh, abstract.carried))
+
+  # 4. resume: workdir checkpoint, else --init_from, else scratch ----------------------
+  manager = ckpt_lib.CheckpointManager(workdir, keep=cfg.keep_checkpoints,
+                                       save_carried_state=cfg.save_carried_state)
+  state, data_position, has_carried, source = ckpt_lib.resume(
+      manager, abstract, shardings, fresh_state, optimizer.init, init_from)
+  if data_position is not None:
+    if not has_carried:
+      data_position = pipeline.restart_at_next_documents(data_position)
+    stream.set_state(data_position)
+  start_step = int(state.step)
+  logger.write_config(model_config, cfg, source)
+  print(f"[memorizing] {source}; training steps {start_step}..{cfg.num_steps} on "
+        f"{n_dev} {jax.devices()[0].platform} device(s)", flush=True)
+
+  # 5. the loop ----------------------------------------------------------------------
+  step_fn = jax.jit(
+      lambda s, b, r: train_step(s, b, r, model_config=model_config, optimizer=optimizer,
+                                 skip_nonfinite=cfg.nan_policy == "skip"),
+      in_shardings=(shardings, None, None), out_shardings=(shardings, None), donate_argnums=0)
+  batches = pipeline.Prefetch(stream, cfg.prefetch) if cfg.prefetch else stream
+  pending, window_start, tokens_seen = [], time.time(), 0
+  last_good = manager.latest_step()
+  bar = metrics_lib.progress(start_step, cfg.num_steps, enabled=cfg.progress_bar)
+  eval_result = {}
+  try:
+    for step in range(start_step, cfg.num_steps):
+      batch = next(batches)
+      position = batches.get_state()
+      state, m = step_fn(state, global_batch(batch, mesh), step_rng)
+      pending.append(m)
+      tokens_seen += int(batch["weights"].size)
+      done = step + 1
+      is_log = done % cfg.log_every == 0 or done == cfg.num_steps
+      is_ckpt = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.num_steps
+      if is_log or is_ckpt:
+        summary = metrics_lib.summarize(jax.device_get(pending), bytes_per_token)
+        pending = []
+        if summary["nonfinite_steps"] and cfg.nan_policy == "stop":
+          raise TrainingError(
+              f"non-finite loss or gradient between steps {done - summary['steps']} and {done}; "
+              f"stopped without writing a checkpoint. The last good checkpoint "
+              f"(step {last_good}) in {workdir} is intact. Lower the learning rate, enable "
+              "clipping, or set TrainConfig.nan_policy='skip'")
+        elapsed = time.time() - window_start
+        summary.update(step=done, learning_rate=float(learning_rate_schedule(cfg)(jnp.array(step))),
+                       step_time=elapsed / summary["steps"],
+                       tokens_per_second=tokens_seen / max(elapsed, 1e-9),
+                       memory_fill=metrics_lib.memory_fill(state.carried))
+        logger.log(done, "train", summary)
+        bar.update(done, summary)
+        window_start, tokens_seen = time.time(), 0
+      if is_ckpt:
+        manager.save(done, state, position)
+        last_good = done
+      if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.num_steps:
+        result = evaluate_params(model_config, cfg, state.params, cfg.eval_max_documents)
+        logger.log(done, "eval", result)
+  finally:
+    bar.close()
+    if hasattr(batches, "close"):
+      batches.close()
+    manager.wait()
+
+  # 6. final evaluation ----------------------------------------------------------------
+  if cfg.final_eval:
+    eval_result = {
+        "with_memory": evaluate_params(model_config, cfg, state.params, cfg.eval_max_documents),
+        "memory_disabled": evaluate_params(model_config.replace(memory_enabled=False), cfg,
+                                           state.params, cfg.eval_max_documents),
+    }
+    for name, res in eval_result.items():
+      logger.log(cfg.num_steps, f"eval_{name}", res)
+    metrics_lib.print_eval_table(eval_result, model_config, cfg.eval_max_document_tokens)
+  logger.close()
+  return eval_result
+
+
+def evaluate_params(model_config: ModelConfig, cfg: TrainConfig, params,
+                    max_documents: Optional[int]) -> Dict[str, float]:
+  """Perplexity of `params` over whole documents of the evaluation split."""
+  stream, _, tok = make_stream(model_config, cfg, cfg.eval_split, cfg.eval_batch_size,
+                               train=False, max_documents=max_documents,
+                               max_document_tokens=cfg.eval_max_document_tokens)
+  return eval_lib.evaluate(model_config, params, stream, tok)
