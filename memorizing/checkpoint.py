@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import zlib
 from typing import Any, Callable, Optional, Tuple
 
 import jax
@@ -30,12 +32,26 @@ class CheckpointError(RuntimeError):
   """A checkpoint cannot be used; the message names the cause."""
 
 
+class CorruptCheckpointError(RuntimeError):
+  """A checkpoint's arrays differ from the checksum written when it was saved."""
+
+
+def checksum(tree) -> str:
+  """CRC-32 of every leaf's bytes, shape and dtype, in tree order (single process)."""
+  crc = 0
+  for leaf in jax.tree_util.tree_leaves(tree):
+    a = np.ascontiguousarray(jax.device_get(leaf))
+    crc = zlib.crc32(f"{a.shape}{a.dtype}".encode(), crc)
+    crc = zlib.crc32(a.view(np.uint8).reshape(-1) if a.size else b"", crc)
+  return f"{crc:08x}"
+
+
 def check_workdir(workdir: str) -> str:
   """Creates `workdir` and checks it is writable; returns its absolute path."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -80,11 +96,14 @@ class CheckpointManager:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state, data_position: dict) -> None:
+    core = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    meta = {"carried": self.save_carried_state}
+    if jax.process_count() == 1:   # read back and compared on restore
+      meta["checksum"] = checksum([core, state.carried if self.save_carried_state else None])
     items = {
-        "state": ocp.args.StandardSave({"step": state.step, "params": state.params,
-                                        "opt_state": state.opt_state}),
+        "state": ocp.args.StandardSave(core),
         "data": ocp.args.JsonSave({"positions": _gather_positions(data_position)}),
-        "meta": ocp.args.JsonSave({"carried": self.save_carried_state}),
+        "meta": ocp.args.JsonSave(meta),
     }
     if self.save_carried_state:
       items["carried"] = ocp.args.StandardSave(state.carried)
@@ -113,7 +132,26 @@ class CheckpointManager:
                             f"processes; this run has {jax.process_count()}")
     state = abstract_state.replace(step=core["step"], params=core["params"],
                                    opt_state=core["opt_state"])
+    if has_carried:
+      state = state.replace(carried=restored["carried"])
+    if "checksum" in meta and jax.process_count() == 1:
+      got = checksum([core, restored["carried"] if has_carried else None])
+      if got != meta["checksum"]:
+        raise CorruptCheckpointError(
+            f"its arrays have checksum {got}, but {meta['checksum']} was written at save time")
     return state, positions[jax.process_index()], has_carried
+
+  def set_aside(self, step: int) -> str:
+    """Moves checkpoint `step` out of the way (kept, never deleted); returns where."""
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable", str(step))
+    if os.path.exists(dst):
+      shutil.rmtree(dst)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if jax.process_index() == 0:
+      shutil.move(src, dst)
+    self._manager.reload()
+    return dst
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -139,7 +177,17 @@ def load_params(path: str, step: Optional[int] = None):
   step = manager.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"no finished checkpoint in {directory}")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  # Restore onto this process's first device, whatever topology saved it.
+  item = os.path.join(directory, str(step), "state")
+  try:
+    tree = ocp.StandardCheckpointer().metadata(item)
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(f"checkpoint {step} in {directory} is unreadable: {e}") from e
+  tree = getattr(tree, "item_metadata", tree)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(tree))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   return restored["state"]["params"], step
 
 
@@ -167,6 +215,7 @@ def resume(manager: CheckpointManager, abstract_state, shardings,
   a line saying where the run started from).
   """
   steps = manager.all_steps()
+  unreadable = []
   for step in reversed(steps):
     try:
       state, position, has_carried = manager.restore(step, abstract_state, shardings)
@@ -176,7 +225,11 @@ def resume(manager: CheckpointManager, abstract_state, shardings,
       _raise_if_shape_mismatch(e, manager.directory, step, abstract_state.params)
       print(f"[memorizing] checkpoint {step} in {manager.directory} is unreadable "
             f"({type(e).__name__}: {str(e)[:200]}); trying the previous one", flush=True)
+      unreadable.append(step)
       continue
+    for bad in unreadable:  # a later save of that step must not collide with it
+      print(f"[memorizing] moved unreadable checkpoint {bad} to {manager.set_aside(bad)}",
+            flush=True)
     if not has_carried:
       state = state.replace(carried=fresh_state().carried)
     state = jax.device_put(state, shardings)

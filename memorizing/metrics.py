@@ -21,13 +21,16 @@ def summarize(pending: List[Dict[str, Any]], bytes_per_token: float) -> Dict[str
   return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
           "bits_per_byte": loss / math.log(2) / bytes_per_token,
           "grad_norm": total["grad_norm_sum"] / steps, "steps": int(steps),
-          "target_tokens": int(total["weight_sum"]), "nonfinite_steps": int(total["nonfinite"])}
+          "target_tokens": int(total["weight_sum"]), "nonfinite_steps": int(total["nonfinite"]),
+          "memory_fill": total["memory_fill_sum"] / steps}
 
 
-def memory_fill(carried) -> float:
-  """Mean fraction of memory slots in use over memory layers and rows (0 if none)."""
-  fills = [np.asarray(m.count) / m.size for m in carried.memory.values()]
-  return float(np.mean(fills)) if fills else 0.0
+def memory_fill(carried):
+  """Mean fraction of memory slots in use over memory layers and rows (0 if none);
+  a device scalar, computed inside the step."""
+  import jax.numpy as jnp
+  fills = [jnp.mean(m.count / m.size) for m in carried.memory.values()]
+  return jnp.mean(jnp.stack(fills)) if fills else jnp.zeros(())
 
 
 class MetricsLogger:

@@ -17,6 +17,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -37,6 +39,10 @@ from memorizing.decoder import CarriedState, Decoder, carried_state_bytes, init_
 
 class TrainingError(RuntimeError):
   """A run cannot go on; the message says why and what is safe on disk."""
+
+
+class Preempted(TrainingError):
+  """SIGTERM arrived: the step in flight finished and a checkpoint was saved."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +74,13 @@ class TrainConfig:
   save_carried_state: bool = True       # False: resume restarts each row at its next document
   nan_policy: str = "stop"              # "stop" or "skip" (skip also drops that step's memory update)
   multihost: bool = False               # call jax.distributed.initialize()
+  coordinator_address: Optional[str] = None   # multihost without a cluster manager:
+  num_processes: Optional[int] = None         #   "host:port", process count and this
+  process_id: Optional[int] = None            #   process's id (else auto-detected)
   progress_bar: bool = True
   prefetch: int = 2
+  device_memory_gib: float = 0.0        # per-device budget for the memory-fit check; 0: what
+                                        #   the device reports (on CPU: host RAM)
 
   def __post_init__(self):
     choices = {"optimizer": ("adafactor", "adamw"), "schedule": ("rsqrt", "cosine"),
@@ -153,7 +164,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
     new_state = _tree_select(finite, new_state, state.replace(step=state.step + 1))
   metrics = {"loss_sum": loss_sum, "weight_sum": weight, "grad_norm_sum": grad_norm,
              "steps": jnp.ones((), jnp.float32),
-             "nonfinite": (~finite).astype(jnp.float32)}
+             "nonfinite": (~finite).astype(jnp.float32),
+             "memory_fill_sum": metrics_lib.memory_fill(new_state.carried)}
   return new_state, metrics
 
 
@@ -178,29 +190,74 @@ def global_batch(batch: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Arra
           for k, v in batch.items()}
 
 
-def check_fits_in_device_memory(model_config: ModelConfig, batch: int) -> None:
-  """Fails before allocation when the carried state cannot fit on the devices."""
+def device_memory_budget(cfg: Optional[TrainConfig] = None) -> Tuple[Optional[int], str]:
+  """Bytes one device may hold, and where that number comes from.
+
+  TrainConfig.device_memory_gib when set; else the device's bytes_limit; else,
+  on CPU, the host's physical RAM; else (None, ...) and no check is made.
+  """
+  if cfg is not None and cfg.device_memory_gib > 0:
+    return int(cfg.device_memory_gib * 2**30), "TrainConfig.device_memory_gib"
+  device = jax.local_devices()[0]
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # noqa: BLE001 - some backends do not implement it
+    stats = {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), f"{device.platform} bytes_limit"
+  if device.platform == "cpu":
+    try:
+      return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host RAM"
+    except (ValueError, OSError, AttributeError):
+      pass
+  return None, "unknown"
+
+
+def check_fits_in_device_memory(model_config: ModelConfig, batch: int,
+                                cfg: Optional[TrainConfig] = None) -> None:
+  """Fails before allocation when the carried state cannot fit on the devices.
+
+  The budget is `device_memory_budget(cfg)` per device, 90% of it usable; the
+  carried state is split by rows over all devices.
+  """
   need = carried_state_bytes(model_config, batch)
-  devices = jax.local_devices()
-  stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
-  limit = (stats or {}).get("bytes_limit")
-  if limit and need > 0.9 * limit * len(jax.devices()):
-    mem = len(model_config.memory_layer_set)
+  limit, source = device_memory_budget(cfg)
+  n_dev = len(jax.devices())
+  if limit and need > 0.9 * limit * n_dev:
+    mc = model_config
+    item = jnp.dtype(mc.compute_dtype).itemsize
+    mem_layers = len(mc.memory_layer_set)
+    mem = batch * mc.num_heads * mc.memory_size * mem_layers * mc.head_dim * 2 * item
+    xl_layers = mc.num_layers if mc.use_xl_cache else 0
+    xl = batch * mc.num_heads * mc.segment_length * xl_layers * mc.head_dim * 2 * item
+    gib = lambda x: f"{x / 2**30:.1f} GiB"
     raise TrainingError(
-        f"the kNN memories and XL caches need {need / 2**30:.1f} GiB "
-        f"(batch {batch} x heads {model_config.num_heads} x (memory {model_config.memory_size} "
-        f"x {mem} layer(s) + XL {model_config.segment_length} x {model_config.num_layers} layers)"
-        f" x head_dim {model_config.head_dim} x 2 (keys, values) x "
-        f"{jnp.dtype(model_config.compute_dtype).itemsize} bytes), more than the "
-        f"{limit * len(jax.devices()) / 2**30:.1f} GiB of device memory; lower batch_size or "
-        "ModelConfig.memory_size, or use dtype='bfloat16'")
+        f"the carried state needs {gib(need)} of device memory: kNN memories batch {batch} x "
+        f"heads {mc.num_heads} x memory_size {mc.memory_size} x head_dim {mc.head_dim} x 2 "
+        f"(keys, values) x {item} bytes x {mem_layers} layer(s) = {gib(mem)}, plus XL caches "
+        f"{batch} x {mc.num_heads} x segment {mc.segment_length} x {mc.head_dim} x 2 x {item} "
+        f"bytes x {xl_layers} layer(s) = {gib(xl)}; that is more than 90% of "
+        f"{n_dev} x {gib(limit)} ({source}). Lower TrainConfig.batch_size or "
+        "ModelConfig.memory_size, use ModelConfig.dtype='bfloat16', or state the budget with "
+        "TrainConfig.device_memory_gib")
 
 
 # --- the run -----------------------------------------------------------------------
 def make_stream(model_config: ModelConfig, cfg: TrainConfig, split: str, batch_size: int, *,
                 train: bool, max_documents: Optional[int] = None,
                 max_document_tokens: int = 0):
+  if jax.process_count() > 1:
+    # Process 0 builds an embedded corpus on first use; the others wait for it.
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+      registry.load_documents(cfg.dataset, split, cfg.data_dir)
+    multihost_utils.sync_global_devices(f"data {cfg.dataset} {split}")
   docs = registry.load_documents(cfg.dataset, split, cfg.data_dir, max_documents=max_documents)
+  if len(docs) == 0:
+    raise registry.DatasetError(
+        f"split {split!r} of dataset {cfg.dataset!r} has no documents; prepare it again with "
+        f"documents in that split:\n  "
+        f"{registry.prepare_command(cfg.dataset, cfg.data_dir or registry.default_data_dir())}")
   tok = tokenizers.get_tokenizer(cfg.tokenizer)
   if tok.vocab_size > model_config.vocab_size:
     raise ValueError(f"tokenizer {cfg.tokenizer!r} has {tok.vocab_size} ids but "
@@ -217,15 +274,15 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
                        init_from: Optional[str] = None) -> Dict[str, Any]:
   """Trains, checkpoints, evaluates; returns the final metrics (also in workdir)."""
   # 1. devices, mesh ------------------------------------------------------------------
-  if cfg.multihost:
-    jax.distributed.initialize()
+  if cfg.multihost and not jax.distributed.is_initialized():
+    jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
   mesh = make_mesh()
   n_dev = len(jax.devices())
   if cfg.batch_size % n_dev:
     raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} must be a multiple of the "
                      f"{n_dev} devices (rows are split across devices)")
   workdir = ckpt_lib.check_workdir(workdir)
-  check_fits_in_device_memory(model_config, cfg.batch_size)
+  check_fits_in_device_memory(model_config, cfg.batch_size, cfg)
   logger = metrics_lib.MetricsLogger(workdir, enabled=jax.process_index() == 0)
 
   # 2. data ---------------------------------------------------------------------------
@@ -248,6 +305,7 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
                          params=replicated(mesh, abstract.params),
                          opt_state=replicated(mesh, abstract.opt_state),
                          carried=row_sharding(mesh, abstract.carried))
+  fresh_state = jax.jit(fresh_state, out_shardings=shardings)   # one compile, not one per op
 
   # 4. resume: workdir checkpoint, else --init_from, else scratch ----------------------
   manager = ckpt_lib.CheckpointManager(workdir, keep=cfg.keep_checkpoints,
@@ -273,6 +331,7 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
   last_good = manager.latest_step()
   bar = metrics_lib.progress(start_step, cfg.num_steps, enabled=cfg.progress_bar)
   eval_result = {}
+  stop = _SigtermFlag()
   try:
     for step in range(start_step, cfg.num_steps):
       batch = next(batches)
@@ -282,7 +341,8 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
       tokens_seen += int(batch["weights"].size)
       done = step + 1
       is_log = done % cfg.log_every == 0 or done == cfg.num_steps
-      is_ckpt = (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.num_steps
+      is_ckpt = ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+                 or done == cfg.num_steps or stop.requested)
       if is_log or is_ckpt:
         summary = metrics_lib.summarize(jax.device_get(pending), bytes_per_token)
         pending = []
@@ -295,18 +355,22 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
         elapsed = time.time() - window_start
         summary.update(step=done, learning_rate=float(learning_rate_schedule(cfg)(jnp.array(step))),
                        step_time=elapsed / summary["steps"],
-                       tokens_per_second=tokens_seen / max(elapsed, 1e-9),
-                       memory_fill=metrics_lib.memory_fill(state.carried))
+                       tokens_per_second=tokens_seen / max(elapsed, 1e-9))
         logger.log(done, "train", summary)
         bar.update(done, summary)
         window_start, tokens_seen = time.time(), 0
       if is_ckpt:
         manager.save(done, state, position)
         last_good = done
+      if stop.requested:
+        manager.wait()
+        raise Preempted(f"SIGTERM received: finished step {done}, saved checkpoint {done} in "
+                        f"{manager.directory}; run the same command again to resume")
       if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.num_steps:
         result = evaluate_params(model_config, cfg, state.params, cfg.eval_max_documents)
         logger.log(done, "eval", result)
   finally:
+    stop.restore()
     bar.close()
     if hasattr(batches, "close"):
       batches.close()
@@ -326,9 +390,36 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
   return eval_result
 
 
+class _SigtermFlag:
+  """While installed (main thread only), SIGTERM sets `requested` instead of killing:
+  the loop finishes the step in flight, saves a checkpoint and stops."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    if not self.requested:
+      print("[memorizing] SIGTERM: finishing this step, then saving a checkpoint", flush=True)
+    self.requested = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
 def evaluate_params(model_config: ModelConfig, cfg: TrainConfig, params,
                     max_documents: Optional[int]) -> Dict[str, float]:
-  """Perplexity of `params` over whole documents of the evaluation split."""
+  """Perplexity of `params` over whole documents of the evaluation split.
+
+  Each process evaluates its own share of documents on its first local device;
+  the sums are combined across processes.
+  """
+  params = jax.tree_util.tree_map(
+      lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, params)
   stream, _, tok = make_stream(model_config, cfg, cfg.eval_split, cfg.eval_batch_size,
                                train=False, max_documents=max_documents,
                                max_document_tokens=cfg.eval_max_document_tokens)
