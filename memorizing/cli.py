@@ -32,6 +32,11 @@ def _user_errors():
           UnknownBackendError, FileNotFoundError, ValueError)
 
 
+def _preempted():
+  from memorizing.train import Preempted
+  return Preempted
+
+
 def _configurables():
   """Registers the gin-configurable classes once; returns the wrapped ones."""
   import gin
@@ -83,6 +88,10 @@ def _run(fn, argv):
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 130
+  except _preempted() as e:
+    prog = os.path.basename(sys.argv[0]) or "memorizing"
+    print(f"{prog}: stopped: {e}", file=sys.stderr)
+    return 143   # 128 + SIGTERM: a scheduler sees a preempted job, not a failed one
   except _user_errors() as e:
     prog = os.path.basename(sys.argv[0]) or "memorizing"
     print(f"{prog}: error: {e}", file=sys.stderr)

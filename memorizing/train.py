@@ -252,7 +252,12 @@ def make_stream(model_config: ModelConfig, cfg: TrainConfig, split: str, batch_s
     if jax.process_index() == 0:
       registry.load_documents(cfg.dataset, split, cfg.data_dir)
     multihost_utils.sync_global_devices(f"data {cfg.dataset} {split}")
-  docs = registry.load_documents(cfg.dataset, split, cfg.data_dir, max_documents=max_documents)
+  try:
+    docs = registry.load_documents(cfg.dataset, split, cfg.data_dir, max_documents=max_documents)
+  except ValueError as e:   # ArrayRecord refuses a split of zero shards
+    if "can not be of 0 length" not in str(e):
+      raise
+    docs = []
   if len(docs) == 0:
     raise registry.DatasetError(
         f"split {split!r} of dataset {cfg.dataset!r} has no documents; prepare it again with "

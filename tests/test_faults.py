@@ -1,0 +1,275 @@
+"""Fault injection: non-finite steps, the bad-input catalogue, memory-fit
+arithmetic, messy documents, and a failing ScaNN host callback.
+
+Training runs are `memorizing-train` subprocesses on the tiny config of
+test_resume.py; input errors that end before any compilation are run
+in-process through the same entry point (`cli.train_main`), which returns the
+exit code the console script exits with.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memorizing import cli, knn
+from memorizing import memory as M
+from memorizing.config import ModelConfig
+from memorizing.data import pipeline, registry, tokenizers
+from memorizing.train import TrainConfig, TrainingError, check_fits_in_device_memory
+from tests.test_resume import NUM_STEPS, TINY, env, restore_all, run, steps_of, train_cmd  # noqa: F401
+
+# adamw + cosine warmup of 50 steps: step 0 has learning rate 0, step 1 moves every
+# parameter by about 1e36 / 50, and from step 2 on the loss and gradient overflow.
+HUGE_LR = "TrainConfig.learning_rate=1e36"
+
+
+def _finite(tree):
+  return all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(tree))
+
+
+# --- numerical faults -----------------------------------------------------------------
+def test_nonfinite_loss_stops_with_a_clear_message_and_no_poisoned_checkpoint(env, tmp_path):
+  rc, out = run(env, tmp_path, HUGE_LR)
+  assert rc == 1, out
+  last = out.strip().splitlines()[-1]
+  assert last.startswith("memorizing-train: error: non-finite loss or gradient"), out
+  assert "stopped without writing a checkpoint" in last and "nan_policy='skip'" in last
+  assert "Traceback" not in out
+  saved = steps_of(tmp_path)
+  assert saved == [2], saved                 # the steps after it went non-finite
+  assert f"last good checkpoint (step 2)" in last
+  ckpt = restore_all(tmp_path, 2)
+  assert _finite(ckpt["state"]) and _finite(ckpt["carried"])
+
+
+def test_nan_policy_skip_discards_the_step_and_its_memory_update(env, tmp_path):
+  rc, out = run(env, tmp_path, HUGE_LR, "TrainConfig.nan_policy='skip'",
+                "TrainConfig.keep_checkpoints=10")
+  assert rc == 0, out
+  assert steps_of(tmp_path)[-1] == NUM_STEPS
+  good, end = restore_all(tmp_path, 2), restore_all(tmp_path, NUM_STEPS)
+  assert _finite(end["state"]) and _finite(end["carried"])
+  # Every step after step 2 was skipped: parameters, optimizer state and the
+  # carried memory (which would hold those steps' keys) are exactly step 2's.
+  for item in ("carried",):
+    for x, y in zip(jax.tree_util.tree_leaves(good[item]), jax.tree_util.tree_leaves(end[item])):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  for name in ("params", "opt_state"):
+    for x, y in zip(jax.tree_util.tree_leaves(good["state"][name]),
+                    jax.tree_util.tree_leaves(end["state"][name])):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert int(end["state"]["step"]) == NUM_STEPS
+  assert end["data"] != good["data"]        # the data still moved on
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    skipped = sum(r.get("nonfinite_steps", 0) for r in map(json.loads, f) if r["kind"] == "train")
+  assert skipped == NUM_STEPS - 2
+
+
+# --- the bad-input catalogue ------------------------------------------------------------
+def _train_in_process(capsys, workdir, *params, gin_files=("quickstart.gin",)):
+  argv = ["--workdir", str(workdir)]
+  for f in gin_files:
+    argv += ["--gin_file", f]
+  for p in list(TINY) + list(params):
+    argv += ["--gin_param", p]
+  capsys.readouterr()
+  rc = cli.train_main(argv)
+  err = capsys.readouterr().err
+  return rc, err
+
+
+def _one_clear_error(rc, err, *needles):
+  assert rc == 1, err
+  assert "Traceback" not in err, err
+  lines = [l for l in err.strip().splitlines() if not l.startswith("WARNING:")]
+  assert ": error: " in lines[0], err
+  assert len(lines) <= 2, err          # the message, and at most the command that fixes it
+  for needle in needles:
+    assert needle in err, (needle, err)
+  return err
+
+
+@pytest.fixture
+def data_env(env, monkeypatch):
+  monkeypatch.setenv("MEMORIZING_DATA_DIR", env["MEMORIZING_DATA_DIR"])
+  return env["MEMORIZING_DATA_DIR"]
+
+
+def test_unknown_gin_binding(data_env, capsys, tmp_path):
+  _one_clear_error(*_train_in_process(capsys, tmp_path, "ModelConfig.no_such_field = 1"),
+                   "gin configuration error", "no_such_field")
+
+
+def test_unknown_gin_file(data_env, capsys, tmp_path):
+  _one_clear_error(*_train_in_process(capsys, tmp_path, gin_files=("nope.gin",)),
+                   "gin file 'nope.gin' not found")
+
+
+def test_unknown_dataset(data_env, capsys, tmp_path):
+  _one_clear_error(*_train_in_process(capsys, tmp_path, "TrainConfig.dataset='wikitext'"),
+                   "Unknown dataset 'wikitext'", "pg19")
+
+
+def test_data_dir_not_prepared_names_the_prepare_command(data_env, capsys, tmp_path):
+  empty = tmp_path / "empty_data"
+  _one_clear_error(*_train_in_process(capsys, tmp_path / "w", "TrainConfig.dataset='text_files'",
+                                      f"TrainConfig.data_dir='{empty}'"),
+                   "is not prepared", f"python scripts/prepare_data.py text_files --data_dir {empty}")
+
+
+def test_empty_split(data_env, capsys, tmp_path):
+  _one_clear_error(*_train_in_process(capsys, tmp_path, "TrainConfig.train_split='train[:0]'"),
+                   "split 'train[:0]' of dataset 'synthetic' has no documents",
+                   "scripts/prepare_data.py synthetic")
+
+
+def test_num_neighbors_larger_than_memory_names_the_field(data_env, capsys, tmp_path):
+  _one_clear_error(*_train_in_process(capsys, tmp_path, "ModelConfig.num_neighbors=128"),
+                   "ModelConfig.num_neighbors=128 exceeds ModelConfig.memory_size=64")
+
+
+def test_workdir_not_writable(data_env, capsys, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  _one_clear_error(*_train_in_process(capsys, blocker / "run"), "is not writable",
+                   "choose another --workdir")
+
+
+def test_sentencepiece_model_missing(data_env, capsys, tmp_path):
+  missing = tmp_path / "tok" / "spm32k.model"
+  _one_clear_error(*_train_in_process(capsys, tmp_path / "w", f"TrainConfig.tokenizer='{missing}'"),
+                   f"SentencePiece model not found: {missing}", "train_tokenizer")
+
+
+def test_memory_that_cannot_fit_is_caught_before_allocation(data_env, capsys, tmp_path):
+  # 2 rows x 2 heads x 2**20 slots x 16 dims x 2 x 4 bytes = 0.5 GiB > 90% of a 0.25 GiB budget
+  err = _one_clear_error(*_train_in_process(
+      capsys, tmp_path, "ModelConfig.memory_size=1048576", "TrainConfig.device_memory_gib=0.25"),
+      "kNN memories batch 2 x heads 2 x memory_size 1048576 x head_dim 16 x 2 (keys, values) "
+      "x 4 bytes x 1 layer(s) = 0.5 GiB", "1 x 0.2 GiB (TrainConfig.device_memory_gib)")
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_memory_fit_arithmetic_of_the_paper_setting():
+  # 256 documents x 8 heads x 65536 x 128 x 2 x 2 bytes (bf16) = 64 GiB of memory.
+  paper = ModelConfig.paper(dtype="bfloat16")
+  with pytest.raises(TrainingError) as e:
+    check_fits_in_device_memory(paper, 256, TrainConfig(device_memory_gib=40))
+  msg = str(e.value)
+  assert "memory_size 65536 x head_dim 128 x 2 (keys, values) x 2 bytes x 1 layer(s) = 64.0 GiB" in msg
+  assert "needs 70.0 GiB" in msg and "40.0 GiB (TrainConfig.device_memory_gib)" in msg
+  check_fits_in_device_memory(paper, 256, TrainConfig(device_memory_gib=141))   # an H200 fits it
+
+
+def test_memory_fit_uses_host_ram_on_cpu_without_a_stated_budget():
+  if jax.devices()[0].platform != "cpu":
+    pytest.skip("CPU only")
+  ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  size = 1 << max(10, int(np.ceil(np.log2(ram / (8 * 16 * 2 * 4)))) + 1)   # 2x the RAM
+  big = ModelConfig(num_layers=2, d_model=32, num_heads=2, head_dim=16, memory_layers=(-1,),
+                    memory_size=size, num_neighbors=4)
+  with pytest.raises(TrainingError, match=r"\(host RAM\)"):
+    check_fits_in_device_memory(big, 4)
+  check_fits_in_device_memory(big.replace(memory_size=1024), 4)
+
+
+def test_a_bad_input_exits_non_zero_from_the_console_script(env, tmp_path):
+  p = subprocess.run(train_cmd(tmp_path, "TrainConfig.dataset='wikitext'"), env=env,
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 1
+  assert p.stderr.strip().splitlines()[-1].startswith(
+      "memorizing-train: error: Unknown dataset 'wikitext'"), p.stderr
+  assert "Traceback" not in p.stderr
+
+
+# --- messy documents and small memories: handled, not errors ----------------------------
+MESSY = {"empty.txt": b"", "short.txt": b"tiny", "latin1.txt": b"caf\xe9 \xff\xfe\x80 " * 40,
+         "normal_a.txt": b"def f(x):\n  return x\n" * 30, "normal_b.txt": b"import os\n" * 60}
+
+
+def test_empty_short_and_non_utf8_documents_are_streamed(tmp_path):
+  src = tmp_path / "src"
+  src.mkdir()
+  for name, raw in MESSY.items():
+    (src / name).write_bytes(raw)
+  data_dir = str(tmp_path / "data")
+  registry.prepare("text_files", data_dir, source=str(src))
+  docs = [registry.load_documents("text_files", s, data_dir)
+          for s in ("train", "validation")]
+  assert sum(len(d) for d in docs) == len(MESSY)
+  all_docs = [d[i] for d in docs for i in range(len(d))]
+  assert b"" in all_docs and MESSY["latin1.txt"] in all_docs   # stored unchanged
+  seg = 16
+  stream = pipeline.DocumentStream(all_docs, tokenizers.ByteTokenizer(), 2, seg)
+  targets = 0
+  for batch in stream:
+    targets += int(batch["weights"].sum())
+  # Every token but a document's first is a target once; the empty one is skipped.
+  assert targets == sum(max(len(d) - 1, 0) for d in all_docs)
+
+
+def test_training_on_messy_documents_with_memory_smaller_than_a_segment(env, tmp_path):
+  src = tmp_path / "src"
+  src.mkdir()
+  for name, raw in MESSY.items():
+    (src / name).write_bytes(raw)
+  data_dir = str(tmp_path / "data")
+  registry.prepare("text_files", data_dir, source=str(src))
+  rc, out = run(env, tmp_path / "w", "TrainConfig.dataset='text_files'",
+                f"TrainConfig.data_dir='{data_dir}'", "TrainConfig.num_steps=4",
+                "ModelConfig.memory_size=8")   # < segment 16: the newest 8 keys are kept
+  assert rc == 0, out
+  carried = restore_all(tmp_path / "w", 4)["carried"]
+  counts = [np.asarray(m["count"]) for m in carried["memory"].values()]
+  assert counts and all((c == 8).all() for c in counts), counts
+
+
+def test_memory_smaller_than_segment_keeps_the_newest_keys():
+  mem = M.init(1, 1, 8, 2)
+  keys = jnp.arange(32, dtype=jnp.float32).reshape(1, 1, 16, 2)
+  out = M.append(mem, keys, keys)
+  assert int(out.count[0]) == 8 and int(out.pointer[0]) == 0
+  np.testing.assert_array_equal(np.asarray(out.keys[0, 0]), np.asarray(keys[0, 0, 8:]))
+
+
+# --- ScaNN: a failing host callback --------------------------------------------------------
+def test_scann_host_callback_failure_is_a_clear_error_not_a_hang(monkeypatch):
+  scann_host = pytest.importorskip("memorizing.knn.scann_host")
+  backend = scann_host.ScannBackend(num_threads=2)
+
+  def broken(*args, **kwargs):
+    raise OSError("simulated failure inside the searcher")
+  monkeypatch.setattr(backend, "_search_one", broken)
+
+  @jax.jit
+  def step(mem, queries, new_keys, reset):
+    mem = M.reset(mem, reset)
+    ctx = knn.SearchContext(layer=3, train=True, reset=reset, new_keys=new_keys)
+    return backend.search(queries, mem, 4, ctx)
+
+  keys = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 16, 8))
+  mem = M.append(M.init(1, 2, 64, 8), keys, keys)
+  backend.sync(3, True, mem)
+  result = {}
+
+  def call():
+    try:
+      jax.block_until_ready(step(mem, keys, keys, jnp.array([False])))
+      result["ok"] = True
+    except Exception as e:  # noqa: BLE001
+      result["error"] = e
+  t = threading.Thread(target=call, daemon=True)
+  t.start()
+  t.join(timeout=120)
+  assert not t.is_alive(), "the failing host call hung"
+  assert "error" in result, result
+  msg = str(result["error"])
+  assert "ScannBackend host call failed (layer 3, train)" in msg, msg
+  assert "OSError: simulated failure inside the searcher" in msg
