@@ -30,6 +30,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from memorizing import checkpoint as ckpt_lib
+from memorizing import knn
 from memorizing import evaluate as eval_lib
 from memorizing import metrics as metrics_lib
 from memorizing.config import ModelConfig
@@ -321,6 +322,11 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
     if not has_carried:
       data_position = pipeline.restart_at_next_documents(data_position)
     stream.set_state(data_position)
+  if has_carried and model_config.memory_layers and model_config.memory_enabled:
+    # Host backends (ScaNN) rebuild their indices from the restored ring buffers.
+    backend = knn.get_backend(model_config.knn_backend, model_config.knn_options)
+    for name, mem in state.carried.memory.items():
+      backend.sync(int(name.rsplit("_", 1)[1]), True, mem)
   start_step = int(state.step)
   logger.write_config(model_config, cfg, source)
   print(f"[memorizing] {source}; training steps {start_step}..{cfg.num_steps} on "
