@@ -6,6 +6,7 @@ total, perplexity is reported by the target's position inside its document
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, Optional
 
@@ -41,6 +42,12 @@ def eval_step(params, carried, batch, positions, *, model_config: ModelConfig):
   return carried, sums
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_eval_step(model_config: ModelConfig):
+  """One jitted eval_step per model config, so repeated evaluations compile once."""
+  return jax.jit(functools.partial(eval_step, model_config=model_config))
+
+
 def evaluate(model_config: ModelConfig, params, stream, tokenizer,
              max_segments: Optional[int] = None, progress: bool = False) -> Dict[str, float]:
   """Streams `stream` (repeat=False) to its end; returns perplexity and friends.
@@ -51,7 +58,7 @@ def evaluate(model_config: ModelConfig, params, stream, tokenizer,
   """
   batch_rows = stream.rows
   carried = init_carried_state(model_config, batch_rows)
-  step = jax.jit(lambda p, c, b, pos: eval_step(p, c, b, pos, model_config=model_config))
+  step = _jitted_eval_step(model_config)
   offset = np.zeros((batch_rows,), np.int64)
   totals = np.zeros((len(POSITION_BUCKETS), 2), np.float64)
   documents, segments = 0, 0
