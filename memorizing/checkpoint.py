@@ -191,6 +191,23 @@ def load_params(path: str, step: Optional[int] = None):
   return restored["state"]["params"], step
 
 
+def check_params_fit(model_config, params, source: str) -> None:
+  """CheckpointError naming the first parameter of `params` that the model lacks or shapes
+  differently (e.g. evaluating with a config other than the one trained)."""
+  from memorizing.decoder import init_params
+  expected = jax.eval_shape(lambda: init_params(model_config, jax.random.PRNGKey(0)))
+  _check_shapes(expected, params, source)
+  missing = sorted(set(traverse_util.flatten_dict(expected, sep="/"))
+                   - set(traverse_util.flatten_dict(params, sep="/")))
+  extra = sorted(set(traverse_util.flatten_dict(params, sep="/"))
+                 - set(traverse_util.flatten_dict(expected, sep="/")))
+  if missing or extra:
+    raise CheckpointError(f"{source} does not match the model configuration: "
+                          + (f"missing {', '.join(missing[:3])} " if missing else "")
+                          + (f"unexpected {', '.join(extra[:3])}" if extra else "")
+                          + "; pass the gin files the model was trained with")
+
+
 def merge_params(target_params, source_params, source: str) -> Tuple[Any, list]:
   """Target params with every same-named source param copied in; names not in source."""
   _check_shapes(target_params, source_params, source)

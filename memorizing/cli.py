@@ -150,6 +150,7 @@ def _eval(argv) -> int:
   if args.max_document_tokens is not None:
     train_config = train_config.replace(eval_max_document_tokens=args.max_document_tokens)
   params, step = checkpoint.load_params(workdir, args.checkpoint_step)
+  checkpoint.check_params_fit(model_config, params, f"checkpoint {step} in {workdir}")
   variants = {"with_memory": model_config,
               "memory_disabled": model_config.replace(memory_enabled=False)}
   if args.memory == "on":
