@@ -6,6 +6,7 @@ else 0), K = C + L keys, H heads, D head_dim, M d_model.
 from __future__ import annotations
 
 import math
+import os
 
 import flax.linen as nn
 import flax.struct
@@ -15,6 +16,40 @@ import jax.numpy as jnp
 from memorizing.config import ModelConfig
 
 NEG_INF = -1e30
+
+# How local attention is computed (see `xl_attention`):
+#   "einsum": two einsums and a float32 softmax; the [B,H,L,K] probabilities are
+#             kept for the backward pass. The reference path (CPU default).
+#   "remat":  the same under jax.checkpoint: the backward pass recomputes the
+#             scores instead of keeping them.
+#   "cudnn":  jax.nn.dot_product_attention(implementation="cudnn"), cuDNN's fused
+#             flash attention with the position bias and masks as one [1,H,L,K]
+#             bias and per-row key lengths; no score matrix in device memory.
+#             bfloat16/float16 compute on an NVIDIA GPU only.
+#   "xla":    the "cudnn" arrangement through jax.nn.dot_product_attention's
+#             XLA implementation (any backend; checks the arrangement on CPU).
+#   "auto":   "cudnn" on GPU with a 16-bit compute dtype, else "einsum".
+# Chosen per process: set_attention_implementation() or $MEMORIZING_ATTENTION.
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "remat", "cudnn", "xla")
+_attention_impl = os.environ.get("MEMORIZING_ATTENTION", "auto")
+
+
+def set_attention_implementation(name: str) -> None:
+  """Selects the local-attention implementation for models traced afterwards."""
+  global _attention_impl
+  if name not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {name!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
+  _attention_impl = name
+
+
+def attention_implementation(dtype=None) -> str:
+  """The implementation `xl_attention` runs for inputs of `dtype` on this backend."""
+  if _attention_impl != "auto":
+    return _attention_impl
+  if jax.default_backend() == "gpu" and dtype is not None and \
+      jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return "cudnn"
+  return "einsum"
 
 
 @flax.struct.dataclass
@@ -108,3 +143,53 @@ def local_window(q_len: int, cache_valid: jax.Array | None) -> jax.Array:
   cache = jnp.broadcast_to(cache_valid[:, None, None, None],
                            (cache_valid.shape[0], 1, q_len, q_len))
   return jnp.concatenate([cache, jnp.broadcast_to(causal, cache.shape)], axis=-1)
+
+
+def xl_attention(q, k, v, scale, bias, cache_k=None, cache_v=None, cache_valid=None,
+                 impl=None):
+  """Local attention of a segment over [XL cache | segment], causal in the segment.
+
+  q, k, v [B,H,L,D]; cache_k, cache_v [B,H,C,D] or None; cache_valid [B] bool;
+  scale [H]; bias [H,L,C+L] (columns in [cache | segment] order). Returns
+  [B,H,L,D] in q's dtype. `impl` overrides `attention_implementation()`.
+  """
+  impl = impl or attention_implementation(q.dtype)
+  length = q.shape[2]
+  if impl in ("cudnn", "xla"):
+    return _fused_xl_attention(q, k, v, scale, bias, cache_k, cache_v, cache_valid, impl)
+  if cache_k is not None:
+    keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=2)
+    values = jnp.concatenate([cache_v.astype(v.dtype), v], axis=2)
+    mask = local_window(length, cache_valid)
+  else:
+    keys, values, mask = k, v, local_window(length, None)
+  fn = jax.checkpoint(local_attention) if impl == "remat" else local_attention
+  return fn(q, keys, values, scale, bias, mask)
+
+
+def _fused_xl_attention(q, k, v, scale, bias, cache_k, cache_v, cache_valid, implementation):
+  """cuDNN flash attention. Keys go in [segment | cache] order, so that a row
+  whose cache is invalid is a row of key length L (cuDNN's padding mask) and
+  the causal mask and position bias are one static [1,H,L,C+L] bias (whose
+  gradient cuDNN returns). The per-head logit scale is folded into q."""
+  length = q.shape[2]
+  dtype = q.dtype
+  causal = jnp.tril(jnp.ones((length, length), bool))
+  qs = (q.astype(jnp.float32) * scale[None, :, None, None]).astype(dtype)
+  if cache_k is not None:
+    c = cache_k.shape[2]
+    keys = jnp.concatenate([k, cache_k.astype(dtype)], axis=2)
+    values = jnp.concatenate([v, cache_v.astype(dtype)], axis=2)
+    bias = jnp.concatenate([bias[:, :, c:], bias[:, :, :c]], axis=-1)
+    allowed = jnp.concatenate([causal, jnp.ones((length, c), bool)], axis=-1)
+    kv_len = jnp.where(cache_valid, c + length, length).astype(jnp.int32)
+  else:
+    keys, values, allowed, kv_len = k, v, causal, None
+  # Finite (cuDNN mishandles -inf - -inf), as in jax's own combine_bias_and_mask.
+  big_neg = -2.0 ** 15 if dtype == jnp.float16 else -2.0 ** 41
+  full_bias = jnp.where(allowed[None], bias.astype(jnp.float32), big_neg).astype(dtype)[None]
+  to_btnh = lambda t: jnp.transpose(t, (0, 2, 1, 3))
+  out = jax.nn.dot_product_attention(
+      to_btnh(qs), to_btnh(keys), to_btnh(values), bias=full_bias, scale=1.0,
+      key_value_seq_lengths=kv_len, implementation=implementation)
+  return jnp.transpose(out, (0, 2, 1, 3))

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from memorizing import knn
 from memorizing import memory as memory_lib
 from memorizing.config import ModelConfig
-from memorizing.layers import NEG_INF, XLCache, l2_normalize, local_attention, local_window
+from memorizing.layers import NEG_INF, XLCache, l2_normalize, xl_attention
 
 
 def memory_attention(q: jax.Array, mem: memory_lib.MemoryState, scale: jax.Array,
@@ -76,16 +76,15 @@ class Attention(nn.Module):
     # Local attention over [previous segment | current segment].
     if xl is not None:
       cache_valid = xl.valid & ~start
-      keys = jnp.concatenate([xl.keys.astype(k.dtype), k], axis=2)
-      values = jnp.concatenate([xl.values.astype(v.dtype), v], axis=2)
-      mask = local_window(length, cache_valid)
+      assert bias.shape == (cfg.num_heads, length, xl.keys.shape[2] + length), bias.shape
+      out = xl_attention(q, k, v, scale, bias, xl.keys, xl.values, cache_valid)
       new_xl = XLCache(keys=jax.lax.stop_gradient(k).astype(xl.keys.dtype),
                        values=jax.lax.stop_gradient(v).astype(xl.values.dtype),
                        valid=jnp.ones_like(xl.valid))
     else:
-      keys, values, mask, new_xl = k, v, local_window(length, None), None
-    assert bias.shape == (cfg.num_heads, length, keys.shape[2]), bias.shape
-    out = local_attention(q, keys, values, scale, bias, mask)
+      assert bias.shape == (cfg.num_heads, length, length), bias.shape
+      out = xl_attention(q, k, v, scale, bias)
+      new_xl = None
 
     new_mem = mem
     if self.has_memory:
