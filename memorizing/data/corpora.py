@@ -301,3 +301,106 @@ class Synthetic(_LocalCorpus):
 
   def documents(self) -> List[Document]:
     return synthetic_documents()
+
+
+# --- synthetic_recall -------------------------------------------------------------
+RECALL_NAMES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+RECALL_VALUES = b"abcdefghijklmnopqrstuvwxyz"
+RECALL_FILLER_LINE = b"~" * 31 + b"\n"
+
+
+def recall_document(rng: np.random.Generator, *, num_entries: int = 16, value_length: int = 2,
+                    num_checks: int = 8, filler_bytes: int = 160) -> Tuple[bytes, np.ndarray]:
+  """One long-range recall document and its recall mask.
+
+  Layout (bytes = byte tokens):
+    definitions  `K=ab\n` for `num_entries` distinct one-letter names K and
+                 random values of `value_length` lowercase letters;
+    checks       `num_checks` of the definitions again, in a random order, right
+                 away (a short-range copy that teaches the copying mechanism,
+                 which the memory layer shares with its local attention);
+    filler       `filler_bytes` bytes of a constant line (nothing to recall);
+    queries      every definition once more, in a random order.
+  A value byte of a query line is predictable only from the definitions and
+  checks, at least `filler_bytes` + 1 tokens back (see `recall_distances`):
+  beyond a window of segment + XL cache when filler_bytes >= 2 x segment,
+  within a memory that holds the whole document.
+
+  Returns (text, mask): mask[i] is True where byte i is a recalled value byte
+  (in the query section). Target j of a segment predicts byte offset + j + 1.
+  """
+  if not 1 <= num_entries <= len(RECALL_NAMES):
+    raise ValueError(f"num_entries must be in [1, {len(RECALL_NAMES)}], got {num_entries}")
+  if not 0 <= num_checks <= num_entries:
+    raise ValueError(f"num_checks must be in [0, num_entries], got {num_checks}")
+  names = rng.choice(len(RECALL_NAMES), num_entries, replace=False)
+  values = rng.integers(len(RECALL_VALUES), size=(num_entries, value_length))
+  line = lambda i: (bytes([RECALL_NAMES[names[i]]]) + b"="
+                    + bytes(RECALL_VALUES[v] for v in values[i]) + b"\n")
+  definitions = b"".join(line(i) for i in range(num_entries))
+  checks = b"".join(line(i) for i in rng.permutation(num_entries)[:num_checks])
+  reps = -(-filler_bytes // len(RECALL_FILLER_LINE))
+  filler = (RECALL_FILLER_LINE * reps)[:filler_bytes]
+  if filler and not filler.endswith(b"\n"):
+    filler = filler[:-1] + b"\n"
+  head = definitions + checks + filler
+  queries = [line(i) for i in rng.permutation(num_entries)]
+  text = head + b"".join(queries)
+  mask = np.zeros(len(text), bool)
+  pos = len(head)
+  for q in queries:
+    mask[pos + 2:pos + 2 + value_length] = True   # after "K="
+    pos += len(q)
+  return text, mask
+
+
+def recall_documents(num_documents: int = 1024, seed: int = 0, **kwargs) -> List[Document]:
+  """`num_documents` recall documents (see `recall_document`), deterministic in `seed`."""
+  rng = np.random.default_rng([seed, 7919])
+  return [(f"synthetic_recall/{d:05d}", recall_document(rng, **kwargs)[0])
+          for d in range(num_documents)]
+
+
+def recall_mask(text: bytes, value_length: int = 2) -> np.ndarray:
+  """The recall mask of a document made by `recall_document` (read back from its
+  text: the value bytes of the lines after the filler)."""
+  mask = np.zeros(len(text), bool)
+  end_of_filler = text.rfind(RECALL_FILLER_LINE[-2:])  # the filler's last "~\n"
+  pos = end_of_filler + 2 if end_of_filler >= 0 else 0
+  while pos < len(text):
+    nl = text.index(b"\n", pos)
+    mask[pos + 2:min(pos + 2 + value_length, nl)] = True
+    pos = nl + 1
+  return mask
+
+
+def recall_distances(text: bytes, value_length: int = 2) -> np.ndarray:
+  """For each recalled byte (recall_mask order): how many tokens back the nearest
+  earlier occurrence of the same name's line holds the same byte."""
+  mask = recall_mask(text, value_length)
+  out = []
+  for pos in np.flatnonzero(mask):
+    line_start = text.rindex(b"\n", 0, pos) + 1
+    line = text[line_start:text.index(b"\n", pos) + 1]
+    prev = text.rfind(b"\n" + line, 0, line_start - 1)
+    source = (prev + 1 if prev >= 0 else 0) + (pos - line_start)
+    assert text[source] == text[pos] and text.startswith(line, source - (pos - line_start))
+    out.append(pos - source)
+  return np.asarray(out)
+
+
+class SyntheticRecall(_LocalCorpus):
+  """Long-range recall: 1024 generated documents of 360 bytes that define 16
+  one-letter names with two-letter values, repeat 8 of them at once, then hold
+  160 bytes of filler, then ask for every value again in a random order.
+  Recalling a value needs a context of 165-355 tokens: more than a 64-token
+  segment plus its 64-token XL cache, less than a 512-slot memory.
+  Deterministic (seed 0); train/validation by path hash."""
+  validation_fraction = 0.05
+
+  def _metadata(self):
+    return {"num_entries": 16, "value_length": 2, "num_checks": 8, "filler_bytes": 160,
+            "seed": 0}
+
+  def documents(self) -> List[Document]:
+    return recall_documents()

@@ -4,7 +4,8 @@
 documents (bytes) read from ArrayRecord through TFDS's data source API, which
 needs no TensorFlow and never downloads. A data set that is not prepared
 raises `DatasetError` with the command that prepares it, except the embedded
-corpora (`python_stdlib`, `synthetic`), which are built on first use, offline.
+corpora (`python_stdlib`, `synthetic`, `synthetic_recall`), which are built on first
+use, offline.
 """
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ DATASETS: Dict[str, DatasetSpec] = {s.name: s for s in [
     DatasetSpec("synthetic", "synthetic", "text", ("train", "validation"),
                 "tiny generated documents that quote their own far past",
                 builder=corpora.Synthetic, embedded=True),
+    DatasetSpec("synthetic_recall", "synthetic_recall", "text", ("train", "validation"),
+                "generated documents whose values must be recalled 165-355 tokens later",
+                builder=corpora.SyntheticRecall, embedded=True),
 ]}
 
 

@@ -1,0 +1,140 @@
+"""The synthetic long-range task (`synthetic_recall`): a value defined at a
+document's start must be recalled 165-355 tokens later, beyond a 64-token
+segment plus its 64-token XL cache but inside a 512-slot kNN memory.
+
+Fast tests check the generator and its distances; the slow test trains a
+memory model and an XL-only baseline of the same size for the same steps with
+the real trainer and asserts the memory model recalls far better.
+"""
+import numpy as np
+import pytest
+
+from memorizing.data import corpora, registry
+
+SEGMENT = 64
+MEMORY = 512
+
+
+def model_config(memory: bool, **changes):
+  from memorizing.config import ModelConfig
+  cfg = ModelConfig(vocab_size=260, num_layers=2, d_model=64, num_heads=4, head_dim=16,
+                    mlp_dim=256, segment_length=SEGMENT, use_xl_cache=True,
+                    memory_layers=(-1,) if memory else (), memory_size=MEMORY,
+                    num_neighbors=16, knn_backend="exact")
+  return cfg.replace(**changes)
+
+
+def train_config(data_dir, steps, **changes):
+  from memorizing.train import TrainConfig
+  cfg = TrainConfig(dataset="synthetic_recall", data_dir=str(data_dir), batch_size=16,
+                    eval_batch_size=16, num_steps=steps, optimizer="adamw", schedule="cosine",
+                    learning_rate=3e-3, warmup_steps=50, log_every=50, checkpoint_every=0,
+                    final_eval=False, progress_bar=False, prefetch=0,
+                    save_carried_state=False, seed=0)
+  return cfg.replace(**changes)
+
+
+def recall_accuracy(cfg, params, documents, batch: int = 16) -> float:
+  """Greedy next-token accuracy on the recalled value bytes of `documents`,
+  each streamed from its start, segment after segment, with memory and cache."""
+  import jax
+  import jax.numpy as jnp
+  from memorizing.decoder import Decoder, init_carried_state
+  apply = jax.jit(lambda p, c, t, s: Decoder(cfg).apply({"params": p}, t, c, s))
+  correct = total = 0
+  for lo in range(0, len(documents), batch):
+    texts = [documents[i] for i in range(lo, min(lo + batch, len(documents)))]
+    rows = len(texts)
+    texts += [texts[-1]] * (batch - rows)                   # pad the batch, not counted
+    n = max(len(t) for t in texts)
+    length = -(-n // SEGMENT) * SEGMENT
+    tokens = np.full((batch, length + 1), 256, np.int32)    # 256: the pad id
+    masks = np.zeros((batch, length + 1), bool)
+    for r, t in enumerate(texts):
+      tokens[r, :len(t)] = np.frombuffer(t, np.uint8)
+      masks[r, :len(t)] = corpora.recall_mask(t)
+    carried = init_carried_state(cfg, batch)
+    for s in range(0, length, SEGMENT):
+      start = jnp.full((batch,), s == 0)
+      logits, carried = apply(params, carried, jnp.asarray(tokens[:, s:s + SEGMENT]), start)
+      pred = np.asarray(jnp.argmax(logits, -1))
+      target = tokens[:, s + 1:s + SEGMENT + 1]
+      m = masks[:rows, s + 1:s + SEGMENT + 1]
+      correct += int(np.sum((pred[:rows] == target[:rows]) & m))
+      total += int(np.sum(m))
+  return correct / total
+
+
+# --- fast ------------------------------------------------------------------------------
+def test_recall_documents_are_deterministic_and_well_formed():
+  a = corpora.recall_documents(8, seed=3)
+  assert a == corpora.recall_documents(8, seed=3)
+  assert a != corpora.recall_documents(8, seed=4)
+  for _, text in a:
+    lines = text.split(b"\n")[:-1]
+    definitions = {l[:1]: l[2:] for l in lines[:16]}
+    checks = lines[16:24]
+    queries = [l for l in lines[24:] if not l.startswith(b"~")]
+    assert len(definitions) == 16 and len(queries) == 16
+    assert set(checks) <= set(lines[:16]) and len(set(checks)) == 8
+    assert sorted(queries) == sorted(lines[:16])            # every value asked once
+    mask = corpora.recall_mask(text)
+    assert mask.sum() == 32
+    assert bytes(np.frombuffer(text, np.uint8)[mask]) == b"".join(q[2:] for q in queries)
+
+
+def test_recall_distance_is_beyond_segment_and_xl_cache_and_within_memory():
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    text, mask = corpora.recall_document(rng)
+    assert (mask == corpora.recall_mask(text)).all()
+    distances = corpora.recall_distances(text)
+    assert len(distances) == mask.sum() == 32
+    # A query at position p sees locally its segment up to p and one segment of
+    # XL cache before it: at most 2 * SEGMENT - 1 tokens back. The recalled byte
+    # (target of p) is `distance` tokens after its nearest earlier copy, which is
+    # `distance - 1` tokens before p.
+    assert distances.min() - 1 > 2 * SEGMENT - 1
+    assert len(text) <= MEMORY  # the whole document fits in the memory
+
+
+def test_recall_corpus_builds_offline_and_a_memory_model_takes_a_step(tmp_path):
+  docs = registry.load_documents("synthetic_recall", "validation", str(tmp_path))
+  assert 20 <= len(docs) <= 100
+  assert all(corpora.recall_mask(docs[i]).sum() == 32 for i in range(len(docs)))
+  from memorizing.checkpoint import load_params
+  from memorizing.train import train_and_evaluate
+  cfg = model_config(memory=True)
+  train_and_evaluate(cfg, train_config(tmp_path, 2, log_every=1), str(tmp_path / "run"))
+  params, _ = load_params(str(tmp_path / "run"))
+  acc = recall_accuracy(cfg, params, [docs[i] for i in range(4)], batch=4)
+  assert 0.0 <= acc <= 1.0
+
+
+# --- slow: train both models ----------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=(
+    "not yet seen passing: after 600 steps (lr 3e-3 or 1e-2, logit_scale_init 4 or 16) "
+    "the memory model recalls at chance (2-4%), like the baseline; longer runs were "
+    "not finished on the shared CPU (docs/results.md, issue 9)"))
+def test_memory_model_recalls_far_beyond_the_xl_baseline(tmp_path):
+  from memorizing.checkpoint import load_params
+  from memorizing.train import train_and_evaluate
+  steps = 2500
+  docs = registry.load_documents("synthetic_recall", "validation", str(tmp_path))
+  docs = [docs[i] for i in range(len(docs))]
+  accuracy = {}
+  for name, memory in (("memory", True), ("xl", False)):
+    cfg = model_config(memory)
+    train_and_evaluate(cfg, train_config(tmp_path, steps, learning_rate=1e-2),
+                       str(tmp_path / name))
+    params, _ = load_params(str(tmp_path / name))
+    accuracy[name] = recall_accuracy(cfg, params, docs)
+    if memory:
+      accuracy["memory_disabled"] = recall_accuracy(cfg.replace(memory_enabled=False), params, docs)
+  print("recall accuracy:", accuracy)
+  chance = 1 / 26
+  assert accuracy["xl"] < 3 * chance                # the baseline cannot see the definitions
+  assert accuracy["memory"] > 0.5                   # the memory model recalls most values
+  assert accuracy["memory"] > accuracy["xl"] + 0.4
+  assert accuracy["memory_disabled"] < 3 * chance   # and it is the memory that does it
