@@ -156,14 +156,19 @@ class CheckpointManager:
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
+  def close(self) -> None:
+    """Finishes pending saves and stops orbax's background threads."""
+    self._manager.close()
+
 
 def _check_shapes(target_params, source_params, source: str) -> None:
   flat_t = traverse_util.flatten_dict(target_params, sep="/")
   flat_s = traverse_util.flatten_dict(source_params, sep="/")
   for name, value in flat_s.items():
-    if name in flat_t and tuple(flat_t[name].shape) != tuple(np.shape(value)):
+    shape = tuple(getattr(value, "shape", None) or np.shape(value))
+    if name in flat_t and tuple(flat_t[name].shape) != shape:
       raise CheckpointError(
-          f"parameter {name} has shape {tuple(np.shape(value))} in {source} but "
+          f"parameter {name} has shape {shape} in {source} but "
           f"{tuple(flat_t[name].shape)} in this model; the model configurations differ")
 
 
@@ -173,7 +178,11 @@ def load_params(path: str, step: Optional[int] = None):
   directory = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
   if not os.path.isdir(directory):
     raise CheckpointError(f"no checkpoints in {path} (looked for {directory})")
-  manager = ocp.CheckpointManager(directory)
+  with ocp.CheckpointManager(directory) as manager:
+    return _load_params(manager, directory, step)
+
+
+def _load_params(manager, directory: str, step: Optional[int]):
   step = manager.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"no finished checkpoint in {directory}")
@@ -234,12 +243,16 @@ def resume(manager: CheckpointManager, abstract_state, shardings,
   steps = manager.all_steps()
   unreadable = []
   for step in reversed(steps):
+    # A checkpoint of another model shape is a config error, not corruption: say so
+    # from the metadata, before any array is read.
+    saved = _saved_params_metadata(manager.directory, step)
+    if saved is not None:
+      _check_shapes(abstract_state.params, saved, f"checkpoint {step} in {manager.directory}")
     try:
       state, position, has_carried = manager.restore(step, abstract_state, shardings)
     except CheckpointError:
       raise
-    except Exception as e:  # noqa: BLE001 - unreadable: a mismatch, or try the previous one
-      _raise_if_shape_mismatch(e, manager.directory, step, abstract_state.params)
+    except Exception as e:  # noqa: BLE001 - unreadable: try the previous one
       print(f"[memorizing] checkpoint {step} in {manager.directory} is unreadable "
             f"({type(e).__name__}: {str(e)[:200]}); trying the previous one", flush=True)
       unreadable.append(step)
@@ -265,10 +278,10 @@ def resume(manager: CheckpointManager, abstract_state, shardings,
   return jax.device_put(state, shardings), None, False, "started from scratch"
 
 
-def _raise_if_shape_mismatch(error: Exception, directory: str, step: int, abstract_params) -> None:
-  """A checkpoint of another model shape is a config error, not corruption."""
+def _saved_params_metadata(directory: str, step: int):
+  """Shapes of the saved parameters (tree of metadata), or None if unreadable."""
   try:
-    source, _ = load_params(directory, step)
-  except Exception:  # noqa: BLE001 - unreadable params: corruption, handled by the caller
-    return
-  _check_shapes(abstract_params, source, f"checkpoint {step} in {directory}")
+    tree = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "state"))
+    return dict(getattr(tree, "item_metadata", tree))["params"]
+  except Exception:  # noqa: BLE001 - unreadable metadata: corruption, handled by the caller
+    return None

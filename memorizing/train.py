@@ -316,8 +316,12 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
   # 4. resume: workdir checkpoint, else --init_from, else scratch ----------------------
   manager = ckpt_lib.CheckpointManager(workdir, keep=cfg.keep_checkpoints,
                                        save_carried_state=cfg.save_carried_state)
-  state, data_position, has_carried, source = ckpt_lib.resume(
-      manager, abstract, shardings, fresh_state, optimizer.init, init_from)
+  try:
+    state, data_position, has_carried, source = ckpt_lib.resume(
+        manager, abstract, shardings, fresh_state, optimizer.init, init_from)
+  except BaseException:
+    manager.close()   # else orbax's threads fail noisily at interpreter exit
+    raise
   if data_position is not None:
     if not has_carried:
       data_position = pipeline.restart_at_next_documents(data_position)
@@ -385,7 +389,7 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
     bar.close()
     if hasattr(batches, "close"):
       batches.close()
-    manager.wait()
+    manager.close()
 
   # 6. final evaluation ----------------------------------------------------------------
   if cfg.final_eval:
