@@ -39,6 +39,9 @@ class ModelConfig:
   relative_position_buckets: int = 32
   relative_position_max_distance: int = 128
   tie_embeddings: bool = True
+  # Local attention kernel: "auto" (cuDNN flash attention on GPU in bf16/fp16, else
+  # einsum; $MEMORIZING_ATTENTION overrides auto), "einsum", "remat", "cudnn", "xla".
+  attention: str = "auto"
   # Initial value of the learned per-head scale on normalised q.k logits.
   logit_scale_init: float = 0.0   # 0 means sqrt(head_dim)
   # kNN memory. Layer indices may be negative (-4 is the 9th of 12).
@@ -71,6 +74,9 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r}; choose one of {sorted(_DTYPES)}")
+    if self.attention not in ("auto", "einsum", "remat", "cudnn", "xla"):
+      raise ConfigError(f"ModelConfig.attention={self.attention!r}; choose one of "
+                        "auto, einsum, remat, cudnn, xla")
     seen = set()
     for i in self.memory_layers:
       if not -self.num_layers <= i < self.num_layers:

@@ -74,16 +74,17 @@ class Attention(nn.Module):
                        (cfg.num_heads,), jnp.float32)
 
     # Local attention over [previous segment | current segment].
+    impl = None if cfg.attention == "auto" else cfg.attention
     if xl is not None:
       cache_valid = xl.valid & ~start
       assert bias.shape == (cfg.num_heads, length, xl.keys.shape[2] + length), bias.shape
-      out = xl_attention(q, k, v, scale, bias, xl.keys, xl.values, cache_valid)
+      out = xl_attention(q, k, v, scale, bias, xl.keys, xl.values, cache_valid, impl=impl)
       new_xl = XLCache(keys=jax.lax.stop_gradient(k).astype(xl.keys.dtype),
                        values=jax.lax.stop_gradient(v).astype(xl.values.dtype),
                        valid=jnp.ones_like(xl.valid))
     else:
       assert bias.shape == (cfg.num_heads, length, length), bias.shape
-      out = xl_attention(q, k, v, scale, bias)
+      out = xl_attention(q, k, v, scale, bias, impl=impl)
       new_xl = None
 
     new_mem = mem

@@ -106,6 +106,7 @@ def test_paper_size_parameter_count():
     (dict(num_heads=5), "num_heads"),
     (dict(d_model=0), "d_model"),
     (dict(dtype="float8"), "dtype"),
+    (dict(attention="flash"), "attention"),
 ])
 def test_bad_config_raises_one_error_naming_the_field(changes, field):
   with pytest.raises(ConfigError, match=f"ModelConfig.{field}"):
@@ -117,3 +118,14 @@ def test_segment_length_mismatch_is_a_clear_error():
   with pytest.raises(ValueError, match="segment_length"):
     Decoder(TINY).apply({"params": params}, jnp.zeros((1, 5), jnp.int32),
                         init_carried_state(TINY, 1), jnp.ones((1,), bool))
+
+
+@pytest.mark.parametrize("impl", ["xla", "remat"])
+def test_attention_implementations_match_einsum(impl):
+  config = TINY.replace(memory_layers=(1,), memory_size=32, num_neighbors=4)
+  params = init_params(config, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 3 * 8), 0, 64)
+  starts = np.array([[True], [False], [False]])
+  ref, _ = run_segments(config.replace(attention="einsum"), params, tokens, starts)
+  got, _ = run_segments(config.replace(attention=impl), params, tokens, starts)
+  np.testing.assert_allclose(got, ref, atol=1e-5)
