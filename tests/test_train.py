@@ -63,6 +63,13 @@ def test_one_run_writes_metrics_config_checkpoint_and_evaluates(tmp_path, data_d
   assert "with_memory" in out and "memory_disabled" in out
 
 
+def test_twenty_steps_through_the_cli_lower_the_loss(tmp_path, data_dir):
+  assert cli.train_main(flags(tmp_path, data_dir, "TrainConfig.num_steps = 20")) == 0
+  losses = train_losses(tmp_path)
+  assert len(losses) == 20
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, losses
+
+
 def test_rerun_resumes_from_the_workdir_checkpoint(tmp_path, data_dir, capsys):
   assert cli.train_main(flags(tmp_path, data_dir)) == 0
   assert cli.train_main(flags(tmp_path, data_dir, "TrainConfig.num_steps = 5")) == 0
