@@ -107,7 +107,10 @@ class CheckpointManager:
     }
     if self.save_carried_state:
       items["carried"] = ocp.args.StandardSave(state.carried)
-    self._manager.save(step, args=ocp.args.Composite(**items))
+    # force: orbax would otherwise skip a save while the previous one is still
+    # being written, silently losing e.g. the checkpoint taken on SIGTERM.
+    if not self._manager.save(step, args=ocp.args.Composite(**items), force=True):
+      raise CheckpointError(f"orbax declined to save checkpoint {step} in {self.directory}")
 
   def restore(self, step: int, abstract_state, shardings) -> Tuple[Any, dict, bool]:
     """-> (state, this process's data position, whether carried state was restored)."""
