@@ -378,6 +378,14 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
         manager.save(done, state, position)
         last_good = done
       if stop.requested:
+        if last_good != done:   # the signal came after this step's checkpoint decision
+          if pending:
+            summary = metrics_lib.summarize(jax.device_get(pending), bytes_per_token)
+            if summary["nonfinite_steps"] and cfg.nan_policy == "stop":
+              raise TrainingError(f"SIGTERM received, but steps before {done} were not finite; "
+                                  f"the last good checkpoint (step {last_good}) is intact")
+          manager.save(done, state, position)
+          last_good = done
         manager.wait()
         raise Preempted(f"SIGTERM received: finished step {done}, saved checkpoint {done} in "
                         f"{manager.directory}; run the same command again to resume")
