@@ -27,6 +27,7 @@ import time
 import traceback
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 
 from memorizing import knn
@@ -78,8 +79,13 @@ def time_fn(fn, *args, repeats: int):
 
 def bench_size(args, n: int, rows: list):
   b, h, q, d, k = args.batch, args.heads, args.queries, args.dim, args.k
-  keys, queries = device.synthetic_memory(jax.random.PRNGKey(0), b, h, n, q, d)
-  count = jnp.full((b,), n, jnp.int32)
+  if args.keys_file:   # real keys and queries captured from a model (scripts/capture_keys.py)
+    captured = np.load(args.keys_file)
+    keys, queries = jnp.asarray(captured["keys"]), jnp.asarray(captured["queries"])
+    count = jnp.asarray(captured["count"], jnp.int32)
+  else:
+    keys, queries = device.synthetic_memory(jax.random.PRNGKey(0), b, h, n, q, d)
+    count = jnp.full((b,), n, jnp.int32)
   mem = M.MemoryState(keys=keys, values=keys, pointer=jnp.zeros((b,), jnp.int32), count=count)
   mem = jax.block_until_ready(mem)
   common = dict(n=n, batch=b, heads=h, queries=q, dim=d, k=k)
@@ -189,12 +195,19 @@ def main():
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--scann_steps", type=int, default=4)
   p.add_argument("--output", default=None)
+  p.add_argument("--keys_file", default=None,
+                 help="npz from scripts/capture_keys.py: benchmark on a model's real keys "
+                      "and queries (its shape replaces --sizes/--dims/--batch/--heads/--queries)")
   args = p.parse_args()
+  if args.keys_file:
+    shape = np.load(args.keys_file)["keys"].shape
+    args.batch, args.heads, args.sizes, args.dims = shape[0], shape[1], str(shape[2]), str(shape[3])
+    args.queries = np.load(args.keys_file)["queries"].shape[2]
   print(f"jax {jax.__version__} on {jax.default_backend()}: {jax.devices()[0].device_kind}; "
         f"{args.batch} rows x {args.heads} heads x {args.queries} queries, k={args.k}")
   print(f"{'N':>7} {'dim':>4} {'backend':<12} {'config':<30} {'time':>13}  recall")
   rows = []
-  meta = dict(jax=jax.__version__, platform=jax.default_backend(),
+  meta = dict(keys=args.keys_file or "synthetic_memory", jax=jax.__version__, platform=jax.default_backend(),
               device=jax.devices()[0].device_kind, host=platform.node(), args=dict(vars(args)))
   for d in map(int, args.dims.split(",")):
     args.dim = d
