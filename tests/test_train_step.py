@@ -1,0 +1,42 @@
+"""train_step against simpler equivalents."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memorizing import train as T
+from memorizing.config import ModelConfig
+from memorizing.decoder import init_carried_state, init_params
+
+CONFIG = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=2, head_dim=16,
+                     mlp_dim=64, segment_length=16)
+OPT = T.make_optimizer(T.TrainConfig(optimizer="adamw", schedule="cosine", learning_rate=1e-2,
+                                     warmup_steps=1, num_steps=10))
+
+
+def losses(config, reset_every_step, steps=5):
+  params = init_params(config, jax.random.PRNGKey(0))
+  state = T.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=OPT.init(params),
+                       carried=init_carried_state(config, 2))
+  step = jax.jit(lambda s, b: T.train_step(s, b, jax.random.PRNGKey(1), model_config=config,
+                                           optimizer=OPT, skip_nonfinite=False))
+  rng, out = np.random.default_rng(0), []
+  for i in range(steps):
+    tokens = rng.integers(0, 64, (2, 17))
+    batch = {"tokens": jnp.asarray(tokens[:, :16], jnp.int32),
+             "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+             "weights": jnp.ones((2, 16), jnp.float32),
+             "start_of_document": jnp.full((2,), reset_every_step or i == 0)}
+    state, m = step(state, batch)
+    out.append(float(m["loss_sum"] / m["weight_sum"]))
+  return np.array(out)
+
+
+def test_xl_model_whose_every_segment_starts_a_document_trains_like_no_xl():
+  np.testing.assert_allclose(losses(CONFIG.replace(use_xl_cache=True), True),
+                             losses(CONFIG.replace(use_xl_cache=False), True), rtol=1e-5)
+
+
+def test_xl_cache_changes_training_when_documents_continue():
+  with_cache = losses(CONFIG.replace(use_xl_cache=True), False)
+  without = losses(CONFIG.replace(use_xl_cache=False), False)
+  assert np.abs(with_cache[1:] - without[1:]).max() > 1e-4
