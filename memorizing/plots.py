@@ -107,6 +107,11 @@ def plot_training_curves(runs: Dict[str, str], path: str) -> str:
   ax.set_xlabel("step")
   ax.set_ylabel("train loss (nats/token); o: validation")
   ax.set_title("Training curves")
+  return _save(plt, fig, ax, path)
+
+
+def _save(plt, fig, ax, path: str) -> str:
+  """Grid, legend, tight layout, PNG at `path`; closes the figure."""
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
@@ -147,12 +152,7 @@ def plot_perplexity_vs_memory(series: Dict[str, List[dict]], path: str) -> str:
   ax.set_xlabel("memory size (keys per row and head)")
   ax.set_ylabel("perplexity")
   ax.set_title("Perplexity vs memory size")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, ax, path)
 
 
 def plot_perplexity_by_position(series: Dict[str, Dict[str, dict]], path: str) -> str:
@@ -186,12 +186,7 @@ def plot_perplexity_by_position(series: Dict[str, Dict[str, dict]], path: str) -
   ax.set_ylabel("perplexity")
   ax.set_title("Perplexity by position: with memory (solid), memory disabled (dashed)")
   ax.title.set_fontsize(9)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, ax, path)
 
 
 # --- entry points ---------------------------------------------------------------------------
