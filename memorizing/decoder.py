@@ -9,7 +9,7 @@ so the trainer can jit, shard, checkpoint and reset it; rows whose
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import flax.linen as nn
 import flax.struct

@@ -62,7 +62,6 @@ def evaluate(model_config: ModelConfig, params, stream, tokenizer,
   offset = np.zeros((batch_rows,), np.int64)
   totals = np.zeros((len(POSITION_BUCKETS), 2), np.float64)
   documents, segments = 0, 0
-  doc_ids = set()
   length = model_config.segment_length
   for batch in stream:
     start = batch["start_of_document"]

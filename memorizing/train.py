@@ -14,8 +14,6 @@ jitted once with donated state; metrics are sums plus a denominator.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import signal
 import threading

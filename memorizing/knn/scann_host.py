@@ -48,7 +48,7 @@ import math
 import os
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -221,7 +221,7 @@ class ScannBackend(knn.KNNBackend):
   def _insert_one(self, st: _LayerState, b: int, h: int, slots: np.ndarray,
                   new: np.ndarray, new_count: int, k: int) -> None:
     """Writes new [m, D] at `slots` [m] of (b, h): mirror, then tail or rebuild."""
-    n, d = st.shape[2], st.shape[3]
+    n = st.shape[2]
     st.mirror[b, h, slots] = new
     s = st.searchers[b][h]
     tail_after = len(s.tail_slots) + len(slots) if s.tail is not None else None
