@@ -86,15 +86,22 @@ def relative_position_bucket(distance: jax.Array, num_buckets: int, max_distance
 
 
 class RelativePositionBias(nn.Module):
-  """Learned bias per (bucket, head), shared by all layers as in T5."""
+  """Learned bias per (bucket, head), shared by all layers as in T5.
+
+  The bias is `relative_position_multiplier * table` with the table initialised
+  at std 0.02 / multiplier: a learning-rate multiplier for the bias that works
+  with any optimizer (see ModelConfig.relative_position_multiplier).
+  """
   config: ModelConfig
 
   @nn.compact
   def __call__(self, num_queries: int, num_keys: int) -> jax.Array:
     """Returns [H, Q, K] for queries at the last Q of K consecutive positions."""
     cfg = self.config
-    table = self.param("rel_embedding", nn.initializers.normal(0.02),
+    m = cfg.relative_position_multiplier
+    table = self.param("rel_embedding", nn.initializers.normal(0.02 / m),
                        (cfg.relative_position_buckets, cfg.num_heads), cfg.params_dtype)
+    table = table.astype(jnp.float32) * m
     q_pos = jnp.arange(num_queries) + (num_keys - num_queries)
     k_pos = jnp.arange(num_keys)
     buckets = relative_position_bucket(q_pos[:, None] - k_pos[None, :],
