@@ -56,6 +56,10 @@ class ModelConfig:
   memory_size: int = 8192
   num_neighbors: int = 32
   memory_enabled: bool = True     # False: same parameters, memory always empty
+  # Initial gate bias b_h (g = sigmoid(b_h)); 0 as in the paper. When adding memory
+  # to a trained model (--init_from), a negative value (e.g. -3: g = 0.05) starts
+  # the fine-tune from the trained model's own function.
+  memory_gate_init: float = 0.0
   knn_backend: str = "exact"
   knn_options: Tuple[Tuple[str, Any], ...] = ()
 

@@ -89,7 +89,7 @@ class Attention(nn.Module):
 
     new_mem = mem
     if self.has_memory:
-      gate = jax.nn.sigmoid(self.param("memory_gate", nn.initializers.zeros,
+      gate = jax.nn.sigmoid(self.param("memory_gate", nn.initializers.constant(cfg.memory_gate_init),
                                        (cfg.num_heads,), jnp.float32))
       mem = memory_lib.reset(mem, start)
       if cfg.memory_enabled:

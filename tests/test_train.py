@@ -78,20 +78,22 @@ def test_rerun_resumes_from_the_workdir_checkpoint(tmp_path, data_dir, capsys):
   assert len(train_losses(tmp_path)) == 5
 
 
-def test_init_from_a_model_without_memory_adds_only_the_gate(tmp_path, data_dir, capsys):
+def test_init_from_a_model_without_memory_adds_only_the_gate_at_its_configured_init(
+    tmp_path, data_dir, capsys):
   plain = tmp_path / "plain"
   assert cli.train_main(flags(plain, data_dir, "ModelConfig.memory_layers = ()")) == 0
   # A fresh memory model initialised from the plain one (lr 0: parameters stay as loaded).
   fresh = tmp_path / "fresh"
   assert cli.train_main(flags(fresh, data_dir, "TrainConfig.num_steps = 1",
-                              "TrainConfig.learning_rate = 0.0", "TrainConfig.grad_clip_norm = 0.0")
+                              "TrainConfig.learning_rate = 0.0", "TrainConfig.grad_clip_norm = 0.0",
+                              "ModelConfig.memory_gate_init = -3.0")
                         + ["--init_from", str(plain)]) == 0
   assert "new parameters: block_1/attention/memory_gate" in capsys.readouterr().out
   src, _ = load_params(str(plain))
   dst, _ = load_params(str(fresh))
   np.testing.assert_array_equal(src["block_0"]["mlp"]["wi"]["kernel"],
                                 dst["block_0"]["mlp"]["wi"]["kernel"])
-  np.testing.assert_array_equal(dst["block_1"]["attention"]["memory_gate"], 0.0)
+  np.testing.assert_array_equal(dst["block_1"]["attention"]["memory_gate"], -3.0)
 
 
 def _run(args, env_extra=None, timeout=300):
