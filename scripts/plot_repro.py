@@ -1,6 +1,6 @@
 """Plots of the Table 4 reproduction from run_table4.py's JSON (matplotlib, Agg).
 
-    python scripts/plot_repro.py docs/results/repro_table4_h200.json --out docs/img
+    python scripts/plot_repro.py docs/results/repro_table4_h200_4000steps.json --out docs/img
 
 Writes repro_ppl_vs_memory.png (validation perplexity against memory size:
 XL is memory 0; the 8K model evaluated with 65K memory as a separate point),
