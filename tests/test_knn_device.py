@@ -114,3 +114,31 @@ def test_device_pallas_packed_index_kernel_matches_unpacked():
   np.testing.assert_array_equal(a[1], b[1])
   agree = (np.where(a[1], a[0], -1) == np.where(b[1], b[0], -1)).mean()
   assert agree > 0.99, agree     # packed scores lose low bits: rare near-ties may differ
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_device_search_under_vmap_equals_the_per_element_results(impl):
+  # An extra leading axis (e.g. several memories per row) mapped with jax.vmap.
+  keys, queries = device.synthetic_memory(jax.random.PRNGKey(7), 3, 2, 300, 12, 16)
+  keys = keys.reshape(3, 1, 2, 300, 16)
+  queries = queries.reshape(3, 1, 2, 12, 16)
+  count = jnp.array([[300], [7], [0]], jnp.int32)                  # [V, B]
+  mems = M.MemoryState(keys=keys, values=keys, pointer=count % 300, count=count)
+  be = device.DeviceBackend(impl=impl, num_buckets=32, block_q=8, interpret=True)
+  got = jax.jit(jax.vmap(lambda q, m: be.search(q, m, 8, None)))(queries, mems)
+  for v in range(3):
+    mem_v = jax.tree_util.tree_map(lambda x, v=v: x[v], mems)
+    want = search(be, queries[v], mem_v, k=8)
+    np.testing.assert_array_equal(got[1][v], want[1])
+    np.testing.assert_array_equal(got[0][v], want[0])
+  assert not got[1][2].any() and (got[1][1].sum(-1) == 7).all()
+
+
+def test_sort_based_top_k_equals_lax_top_k():
+  x = jax.random.normal(jax.random.PRNGKey(8), (3, 5, 64))
+  x = x.at[0, 0, :40].set(-jnp.inf).at[1, 1, 3:9].set(0.5)         # -inf entries and ties
+  for arr in (x, jax.lax.bitcast_convert_type(x, jnp.int32).at[2, 2, :50].set(jnp.iinfo(jnp.int32).min)):
+    v1, i1 = device.top_k(arr, 32, "sort")
+    v2, i2 = jax.lax.top_k(arr, 32)
+    np.testing.assert_array_equal(v1, v2)
+    np.testing.assert_array_equal(i1, i2)

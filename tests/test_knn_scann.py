@@ -58,8 +58,8 @@ def test_scann_indices_are_ring_buffer_slots_after_wraparound():
   for t in range(13):
     mem, _, _ = step(mem, segs[t], segs[t], jnp.array([t == 0, t == 0]))
   assert int(mem.count[0]) == n and int(mem.pointer[0]) != 0
-  st = be._layers[(0, True)]
-  np.testing.assert_array_equal(st.mirror, np.asarray(mem.keys))   # host mirror == ring buffer
+  mirror = np.stack([be.row_state(0, True, r).mirror for r in range(b)])
+  np.testing.assert_array_equal(mirror, np.asarray(mem.keys))      # host mirror == ring buffer
   # Queries equal to stored keys at known slots must find exactly those slots first,
   # and the scores of gathered keys must come back in descending order.
   slots = jnp.array([0, 3, 250, 499, int(mem.pointer[0]) - 1])
@@ -101,10 +101,10 @@ def test_scann_repeated_host_call_does_not_insert_twice():
   _, _, out1b = step(mem, segs[1], segs[0], jnp.array([True]))     # same inputs again
   assert be.stats["repeated_calls"] == 1
   np.testing.assert_array_equal(out1[0], out1b[0])
-  st = be._layers[(0, True)]
-  assert int(st.count[0]) == 8 and len(st.searchers[0][0].tail_slots) == 8
+  row = be.row_state(0, True, 0)
+  assert row.count == 8 and len(row.searchers[0].tail_slots) == 8
   mem2, _, (i, v, ei, ev) = step(mem1, segs[2], segs[1], jnp.array([False]))
-  assert int(st.count[0]) == 16 and (v.sum(-1) == 8).all()
+  assert be.row_state(0, True, 0).count == 16 and (v.sum(-1) == 8).all()
   assert device.recall(i, v, ei, ev) == 1.0
 
 
@@ -130,10 +130,11 @@ def test_scann_sync_after_restore_rebuilds_from_device_memory():
   # must return exactly the exact backend's neighbours, so its copy is complete.
   fresh = ScannBackend(tree_min_size=2048, num_threads=2)
   fresh.sync(0, True, restored)
-  np.testing.assert_array_equal(fresh._layers[(0, True)].mirror, np.asarray(mem.keys))
+  np.testing.assert_array_equal(np.stack([fresh.row_state(0, True, r).mirror for r in range(b)]),
+                                np.asarray(mem.keys))
   _, _, (i, v, ei, ev) = make_step(fresh)(restored, segs[11], segs[10], jnp.array([False] * b))
   assert device.recall(i, v, ei, ev) == 1.0
-  assert int(fresh._layers[(0, True)].count[0]) == n
+  assert fresh.row_state(0, True, 0).count == n
   # With a tree: the synced searcher serves and keeps stepping.
   tree = ScannBackend(tree_min_size=512, num_threads=2)
   tree.sync(0, True, restored)

@@ -57,7 +57,25 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
-def _top_k_padded(scores: jax.Array, k: int) -> Tuple[jax.Array, jax.Array]:
+def top_k(x: jax.Array, k: int, impl: str = "sort") -> Tuple[jax.Array, jax.Array]:
+  """(values, indices) of the k largest entries of the last axis, like lax.top_k.
+
+  impl "sort": a stable descending sort of (value, index) pairs, then the first
+  k. Unlike lax.top_k (the HLO TopK op, which the SPMD partitioner all-gathers
+  over the batch dimensions, seen with jax 0.10 on CPU), a sort partitions
+  along its other axes, so rows sharded over devices stay on their device.
+  impl "lax": lax.top_k. Ties: the lower index first in both.
+  """
+  if impl == "lax":
+    return jax.lax.top_k(x, k)
+  axis = x.ndim - 1
+  idx = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis)
+  flip = jnp.bitwise_not if jnp.issubdtype(x.dtype, jnp.integer) else jnp.negative
+  v, i = jax.lax.sort((flip(x), idx), dimension=axis, num_keys=1, is_stable=True)
+  return flip(v[..., :k]), i[..., :k]
+
+
+def _top_k_padded(scores: jax.Array, k: int, impl: str = "sort") -> Tuple[jax.Array, jax.Array]:
   """top_k over the last axis that also works when it is shorter than k.
 
   scores [..., n] float32 (-inf marks invalid). Returns (values, indices) [..., k].
@@ -66,7 +84,7 @@ def _top_k_padded(scores: jax.Array, k: int) -> Tuple[jax.Array, jax.Array]:
   if n < k:
     pad = [(0, 0)] * (scores.ndim - 1) + [(0, k - n)]
     scores = jnp.pad(scores, pad, constant_values=-jnp.inf)
-  return jax.lax.top_k(scores, k)
+  return top_k(scores, k, impl)
 
 
 def _slot_bias(count: jax.Array, n_pad: int) -> jax.Array:
@@ -79,7 +97,8 @@ def _slot_bias(count: jax.Array, n_pad: int) -> jax.Array:
 # XLA implementation
 
 
-def _buckets_xla(queries, keys, count, num_buckets, k, score_dtype, max_score_elements):
+def _buckets_xla(queries, keys, count, num_buckets, k, score_dtype, max_score_elements,
+                 top_k_impl="sort"):
   """queries [B,H,Q,D], keys [B,H,N,D] -> (values [B,H,Q,k] f32, slots [B,H,Q,k])."""
   b, h, q, d = queries.shape
   n = keys.shape[2]
@@ -97,7 +116,7 @@ def _buckets_xla(queries, keys, count, num_buckets, k, score_dtype, max_score_el
     blocks = scores.reshape(b, h, c, n_pad // s, s)                # slot = j*S + bucket
     arg = jnp.argmax(blocks, axis=3)                                # [B,H,c,S]
     best = jnp.max(blocks, axis=3)
-    vals, bucket = jax.lax.top_k(best, min(k, s))
+    vals, bucket = top_k(best, min(k, s), top_k_impl)
     slots = jnp.take_along_axis(arg, bucket, axis=-1) * s + bucket
     return vals, slots.astype(jnp.int32)
 
@@ -173,7 +192,7 @@ def _unsortable(key: jax.Array) -> jax.Array:
 
 
 def _buckets_pallas(queries, keys, count, num_buckets, k, compute_dtype, block_q,
-                    num_warps, num_stages, interpret, packed=False):
+                    num_warps, num_stages, interpret, packed=False, top_k_impl="sort"):
   """Same contract as _buckets_xla, fused; S must be a power of two >= 16."""
   from jax.experimental import pallas as pl
   b, h, q, d = queries.shape
@@ -211,13 +230,13 @@ def _buckets_pallas(queries, keys, count, num_buckets, k, compute_dtype, block_q
   best = best.reshape(b, h, q_pad, s)[:, :, :q]
   arg = arg.reshape(b, h, q_pad, s)[:, :, :q]
   if packed:
-    keyv, bucket = jax.lax.top_k(arg, min(k, s))
+    keyv, bucket = top_k(arg, min(k, s), top_k_impl)
     low = jnp.int32((1 << index_bits) - 1)
     vals = _unsortable(keyv & ~low)
     vals = jnp.where(vals > -1e30, vals, -jnp.inf)      # -inf comes back as NaN: invalid
     slots = (keyv & low) * s + bucket
     return vals, slots.astype(jnp.int32)
-  vals, bucket = jax.lax.top_k(best, min(k, s))
+  vals, bucket = top_k(best, min(k, s), top_k_impl)
   slots = jnp.take_along_axis(arg, bucket, axis=-1) * s + bucket
   return vals, slots.astype(jnp.int32)
 
@@ -242,6 +261,8 @@ class DeviceBackend(knn.KNNBackend):
     packed:         False; the Pallas kernel keeps one int32 per bucket: the
                     score's order-preserving bits with the block number in the
                     low ceil(log2(N/S)) bits (relative score error <= 2^(bits-23)).
+    top_k_impl:     "sort" (partitions over sharded rows) or "lax" (lax.top_k),
+                    for the final top k of the bucket maxima; see `top_k`.
   """
   name = "device"
 
@@ -249,7 +270,10 @@ class DeviceBackend(knn.KNNBackend):
                impl: str = "auto", compute_dtype: str = "auto",
                max_score_elements: int = 2 ** 30, block_q: int = 64,
                num_warps: int = 8, num_stages: int = 3, interpret: bool = False,
-               packed: bool = False):
+               packed: bool = False, top_k_impl: str = "sort"):
+    if top_k_impl not in ("sort", "lax"):
+      raise ValueError(f"DeviceBackend top_k_impl={top_k_impl!r}; choose sort or lax")
+    self.top_k_impl = top_k_impl
     if impl not in ("auto", "xla", "pallas", "approx_max_k", "exact"):
       raise ValueError(f"DeviceBackend impl={impl!r}; choose auto, xla, pallas, approx_max_k or exact")
     if compute_dtype != "auto" and compute_dtype not in _DTYPES:
@@ -304,7 +328,7 @@ class DeviceBackend(knn.KNNBackend):
       scores = jnp.einsum("bhqd,bhnd->bhqn", queries.astype(dtype), keys.astype(dtype),
                           preferred_element_type=jnp.float32)
       scores = scores + _slot_bias(count, n)[:, None, None, :]
-      vals, idx = _top_k_padded(scores, k)
+      vals, idx = _top_k_padded(scores, k, self.top_k_impl)
     elif impl == "approx_max_k":
       scores = jnp.einsum("bhqd,bhnd->bhqn", queries.astype(dtype), keys.astype(dtype),
                           preferred_element_type=jnp.float32)
@@ -313,11 +337,11 @@ class DeviceBackend(knn.KNNBackend):
     elif impl == "pallas":
       vals, idx = _buckets_pallas(queries, keys, count, s, k, dtype, self.block_q,
                                   self.num_warps, self.num_stages, self.interpret,
-                                  self.packed)
+                                  self.packed, self.top_k_impl)
     else:
       score_dtype = jnp.float32 if dtype == jnp.float32 else dtype
       vals, idx = _buckets_xla(queries.astype(dtype), keys.astype(dtype), count, s, k,
-                               score_dtype, self.max_score_elements)
+                               score_dtype, self.max_score_elements, self.top_k_impl)
     if vals.shape[-1] < k:                    # fewer buckets (or slots) than k
       pad = [(0, 0)] * 3 + [(0, k - vals.shape[-1])]
       vals = jnp.pad(vals, pad, constant_values=-jnp.inf)

@@ -2,8 +2,9 @@
 
 One searcher per (layer, mode train/eval, row, head). The device ring buffer
 (memorizing.memory.MemoryState) stays the truth and the only checkpointed
-state; the host keeps, per (layer, mode), a float32 mirror of the keys
-[B, H, N, D] and the searchers, and per row the (pointer, count) it has seen.
+state; the host keeps, per (layer, mode) and per GLOBAL row index, a float32
+mirror of that row's keys [H, N, D], its searchers and the (pointer, count) it
+has seen.
 A searcher's datapoint index IS the ring-buffer slot: slots are filled from 0
 after a reset (appended in order) and later overwritten in place with
 `upsert`, so search returns slots directly.
@@ -15,6 +16,16 @@ Per layer and step, `search` makes ONE host call (jax.pure_callback) that
   3. writes the segment's new keys at `append_slots(pointer, L, N)`,
 so reset -> search -> insert is ordered by construction. The insert is part of
 the call whose output the layer uses, so XLA cannot drop it.
+
+Sharding. Under plain jit a pure_callback runs once, on one device, with the
+whole (gathered) batch. So when there are several devices the host call is
+wrapped in `shard_map` over a 1-D mesh of all devices with axis `row_axis`
+("data", the trainer's mesh, memorizing.train.make_mesh): each device calls
+the host with only its own rows, plus their global row indices, and each
+process keeps searchers for its own rows only. Inside a caller's own
+`shard_map` (all mesh axes manual) the call is already per device; the global
+row index is then (linear device index over the manual axes) * local rows + i,
+i.e. the batch is assumed split over the manual axes in mesh order.
 
 Searcher policy per (row, head), with c = keys in the row:
   c < tree_min_size:  one brute-force (exact) searcher, index == slot, grown
@@ -92,18 +103,26 @@ class _Searcher:
     self.tail_slots = np.zeros((0,), np.int64)
 
 
-class _LayerState:
-  """Host cache of one (layer, mode): mirror, searchers, and per-row position."""
+class _RowState:
+  """Host cache of one row of one (layer, mode): mirror, searchers, position."""
 
-  def __init__(self, batch: int, heads: int, size: int, dim: int):
-    self.shape = (batch, heads, size, dim)
-    self.mirror = np.zeros((batch, heads, size, dim), np.float32)
-    self.searchers = [[_Searcher() for _ in range(heads)] for _ in range(batch)]
-    self.pointer = np.zeros((batch,), np.int64)
-    self.count = np.zeros((batch,), np.int64)
-    self.known = np.zeros((batch,), bool)     # host state of the row is trustworthy
-    self.fingerprint = None
-    self.last_output = None
+  def __init__(self, heads: int, size: int, dim: int):
+    self.mirror = np.zeros((heads, size, dim), np.float32)
+    self.searchers = [_Searcher() for _ in range(heads)]
+    self.pointer = 0
+    self.count = 0
+
+
+class _LayerState:
+  """Host cache of one (layer, mode): the rows this process serves, by global index."""
+
+  def __init__(self, heads: int, size: int, dim: int):
+    self.shape = (heads, size, dim)
+    self.rows: Dict[int, _RowState] = {}
+    # Per set of rows served by one call (one device's shard): the fingerprint
+    # of its last call's inputs and that call's output, and a lock.
+    self.last: Dict[Tuple[int, ...], Tuple[tuple, tuple]] = {}
+    self.locks: Dict[Tuple[int, ...], threading.Lock] = {}
 
 
 class ScannBackend(knn.KNNBackend):
@@ -119,6 +138,13 @@ class ScannBackend(knn.KNNBackend):
                    this fraction of the row's keys (at most 0.5).
     training_iterations: 10 (k-means iterations per build).
     num_threads: None (os.cpu_count()); threads that run the searchers.
+    shard_rows:  "auto"; with several devices, one host call per device with
+                 its own rows (shard_map over all devices, axis `row_axis`)
+                 when the batch divides evenly; "off": one call with the
+                 whole batch on one device (single-process only).
+    row_axis:    "data"; the mesh axis name of the rows. It must be the name
+                 the caller's jit shardings use (memorizing.train.make_mesh),
+                 since one program may hold only one mesh.
   Timings of the last host call are in `self.last_timing` (seconds).
   """
   name = "scann"
@@ -126,8 +152,13 @@ class ScannBackend(knn.KNNBackend):
   def __init__(self, tree_min_size: int = 4096, leaf_fraction: float = 0.2,
                min_leaves_to_search: int = 8, leaves_per_sqrt: float = 1.0,
                tail_fraction: float = 0.25, training_iterations: int = 10,
-               num_threads: Optional[int] = None):
+               num_threads: Optional[int] = None, shard_rows: str = "auto",
+               row_axis: str = "data"):
     self._scann = _import_scann()
+    if shard_rows not in ("auto", "off"):
+      raise ValueError(f"ScannBackend shard_rows={shard_rows!r}; choose auto or off")
+    self.shard_rows = shard_rows
+    self.row_axis = row_axis
     if tree_min_size < 64:
       raise ValueError(f"ScannBackend tree_min_size must be >= 64, got {tree_min_size}")
     if not 0.0 < leaf_fraction <= 1.0:
@@ -178,7 +209,8 @@ class ScannBackend(knn.KNNBackend):
     s.tree, s.built_size, s.leaves_to_search = builder.build().searcher, c, search
     s.tail = self._empty_tail(d, k)
     s.tail_slots = np.zeros((0,), np.int64)
-    self.stats["tree_builds"] += 1
+    with self._lock:
+      self.stats["tree_builds"] += 1
 
   def _search_one(self, s: _Searcher, queries: np.ndarray, k: int, count: int):
     """queries [Q, D] -> (slots int32 [Q, k], valid bool [Q, k])."""
@@ -218,17 +250,17 @@ class ScannBackend(knn.KNNBackend):
     out_v[:] = valid
     return out_i, out_v
 
-  def _insert_one(self, st: _LayerState, b: int, h: int, slots: np.ndarray,
-                  new: np.ndarray, new_count: int, k: int) -> None:
-    """Writes new [m, D] at `slots` [m] of (b, h): mirror, then tail or rebuild."""
-    n = st.shape[2]
-    st.mirror[b, h, slots] = new
-    s = st.searchers[b][h]
+  def _insert_one(self, r: _RowState, h: int, slots: np.ndarray, new: np.ndarray,
+                  new_count: int, k: int) -> None:
+    """Writes new [m, D] at `slots` [m] of head h of row r: mirror, then tail or rebuild."""
+    n = r.mirror.shape[1]
+    r.mirror[h, slots] = new
+    s = r.searchers[h]
     tail_after = len(s.tail_slots) + len(slots) if s.tail is not None else None
     if (s.tail is None                                                   # empty row
         or (s.tree is None and new_count >= self.tree_min_size)          # grew big enough
         or (s.tree is not None and tail_after > self.tail_fraction * new_count)):
-      self._build(s, st.mirror[b, h, :new_count], n, k)
+      self._build(s, r.mirror[h, :new_count], n, k)
       return
     if s.tree is None:
       # Brute-force phase: tail index == slot; overwrite in place, append in order.
@@ -239,28 +271,32 @@ class ScannBackend(knn.KNNBackend):
       appended = sorted(int(x) for x in slots if x >= size)
       if appended != list(range(size, size + len(appended))):
         raise ScannBackendError(f"ScannBackend: slots {appended[:4]}... do not follow "
-                                f"the {size} filled ones of row {b}")
+                                f"the {size} filled ones of a row")
       s.tail.upsert([ids[i] for i in order], np.ascontiguousarray(new[order], np.float32),
                     len(order))
       s.tail_slots = np.arange(size + len(appended), dtype=np.int64)
       return
     s.tail.upsert([None] * len(slots), np.ascontiguousarray(new, np.float32), len(slots))
     s.tail_slots = np.concatenate([s.tail_slots, slots.astype(np.int64)])
-    if True:
-      hit = slots[slots < s.built_size]
-      s.num_stale += int((~s.stale[hit]).sum())
-      s.stale[hit] = True
+    hit = slots[slots < s.built_size]
+    s.num_stale += int((~s.stale[hit]).sum())
+    s.stale[hit] = True
 
   # ------------------------------------------------------------------ host call
 
-  def _host_step(self, layer: int, train: bool, k: int, shape, queries, reset, new_keys,
-                 pointer, count):
-    """The host side of `search`: reset, search, insert. Returns (idx, valid)."""
+  def _host_step(self, layer: int, train: bool, k: int, shape, rows, queries, reset,
+                 new_keys, pointer, count):
+    """The host side of `search` for the rows `rows` (global indices): reset,
+    search, insert. Returns (idx, valid) for those rows."""
     try:
+      rows = tuple(int(x) for x in np.asarray(rows))
+      st = self._layer_state(layer, train, shape)
       with self._lock:
-        return self._host_step_locked(layer, train, k, shape, np.asarray(queries), np.asarray(reset),
-                                      np.asarray(new_keys), np.asarray(pointer),
-                                      np.asarray(count))
+        lock = st.locks.setdefault(rows, threading.Lock())
+      with lock:     # calls for other rows (other devices) run concurrently
+        return self._host_step_locked(st, layer, train, k, rows, np.asarray(queries),
+                                      np.asarray(reset), np.asarray(new_keys),
+                                      np.asarray(pointer), np.asarray(count))
     except ScannBackendError:
       raise
     except Exception as e:  # surface a clear error, never a hang
@@ -268,49 +304,50 @@ class ScannBackend(knn.KNNBackend):
           f"ScannBackend host call failed (layer {layer}, "
           f"{'train' if train else 'eval'}): {type(e).__name__}: {e}") from e
 
-  def _host_step_locked(self, layer, train, k, shape, queries, reset, new_keys, pointer, count):
+  def _host_step_locked(self, st, layer, train, k, rows, queries, reset, new_keys, pointer,
+                        count):
     b, h, q, d = queries.shape
     seg = new_keys.shape[2]
-    st = self._layers.get((layer, train))
-    if st is None or st.shape != tuple(shape):
-      st = self._layers[(layer, train)] = _LayerState(*shape)
-    n = st.shape[2]
+    n = st.shape[1]
     fingerprint = (k, queries.shape, new_keys.shape, pointer.tobytes(), count.tobytes(),
                    reset.tobytes(), float(queries.reshape(-1)[::61].sum(dtype=np.float64)),
                    float(new_keys.reshape(-1)[::61].sum(dtype=np.float64)))
-    self.stats["host_calls"] += 1
-    if st is not None and st.fingerprint == fingerprint:
-      self.stats["repeated_calls"] += 1
-      return st.last_output
+    last = st.last.get(rows)
+    with self._lock:
+      self.stats["host_calls"] += 1
+      if last is not None and last[0] == fingerprint:
+        self.stats["repeated_calls"] += 1
+        return last[1]
     t0 = time.perf_counter()
 
     # 1. reset: rows with count 0 are empty, whatever the host held.
-    for row in range(b):
-      if count[row] == 0:
-        st.searchers[row] = [_Searcher() for _ in range(h)]
-        st.pointer[row], st.count[row], st.known[row] = 0, 0, True
-      elif not st.known[row] or st.pointer[row] != pointer[row] or st.count[row] != count[row]:
+    states = []
+    for i, row in enumerate(rows):
+      r = st.rows.get(row)
+      if count[i] == 0:
+        r = st.rows[row] = _RowState(*st.shape)
+      elif r is None or r.pointer != pointer[i] or r.count != count[i]:
         raise ScannBackendError(
             f"ScannBackend: host index of layer {layer} "
             f"({'train' if train else 'eval'}) row {row} holds pointer/count "
-            f"{int(st.pointer[row])}/{int(st.count[row])}"
-            f"{'' if st.known[row] else ' (never synced)'}, but the device memory has "
-            f"{int(pointer[row])}/{int(count[row])}. After restoring a checkpoint or "
-            f"changing the memory outside the model, call "
+            + ("nothing (never synced)" if r is None else f"{r.pointer}/{r.count}")
+            + f", but the device memory has {int(pointer[i])}/{int(count[i])}. After "
+            f"restoring a checkpoint or changing the memory outside the model, call "
             f"backend.sync(layer={layer}, train={train}, memory=...).")
+      states.append(r)
 
     # 2. search every non-empty (row, head) in parallel.
     idx = np.zeros((b, h, q, k), np.int32)
     valid = np.zeros((b, h, q, k), bool)
     jobs = {}
-    for row in range(b):
-      if count[row] > 0:
+    for i, r in enumerate(states):
+      if count[i] > 0:
         for head in range(h):
-          jobs[(row, head)] = self._pool.submit(
-              self._search_one, st.searchers[row][head],
-              np.ascontiguousarray(queries[row, head], np.float32), k, int(count[row]))
-    for (row, head), fut in jobs.items():
-      idx[row, head], valid[row, head] = fut.result()
+          jobs[(i, head)] = self._pool.submit(
+              self._search_one, r.searchers[head],
+              np.ascontiguousarray(queries[i, head], np.float32), k, int(count[i]))
+    for (i, head), fut in jobs.items():
+      idx[i, head], valid[i, head] = fut.result()
     t1 = time.perf_counter()
 
     # 3. insert the segment's keys at the ring-buffer slots.
@@ -318,27 +355,29 @@ class ScannBackend(knn.KNNBackend):
     new_pointer = (pointer.astype(np.int64) + m) % n
     new_count = np.minimum(count.astype(np.int64) + m, n)
     jobs = []
-    for row in range(b):
-      slots = (int(pointer[row]) + np.arange(m)) % n
+    for i, r in enumerate(states):
+      slots = (int(pointer[i]) + np.arange(m)) % n
       for head in range(h):
         jobs.append(self._pool.submit(
-            self._insert_one, st, row, head, slots,
-            np.ascontiguousarray(new_keys[row, head, seg - m:], np.float32),
-            int(new_count[row]), k))
+            self._insert_one, r, head, slots,
+            np.ascontiguousarray(new_keys[i, head, seg - m:], np.float32),
+            int(new_count[i]), k))
     for fut in jobs:
       fut.result()
-    st.pointer[:], st.count[:] = new_pointer, new_count
-    st.known[:] = True
+    for i, r in enumerate(states):
+      r.pointer, r.count = int(new_pointer[i]), int(new_count[i])
     t2 = time.perf_counter()
 
-    st.fingerprint = fingerprint
-    st.last_output = (idx, valid)
-    self.last_timing = {"search_s": t1 - t0, "insert_s": t2 - t1, "total_s": t2 - t0}
+    st.last[rows] = (fingerprint, (idx, valid))
+    self.last_timing = {"search_s": t1 - t0, "insert_s": t2 - t1, "total_s": t2 - t0,
+                        "rows": len(rows)}
     return idx, valid
 
   # ------------------------------------------------------------------ interface
 
   def _layer_state(self, layer: int, train: bool, shape) -> _LayerState:
+    """The (layer, mode) cache for rows of shape (heads, size, dim); a new one if
+    the shape changed."""
     key = (layer, bool(train))
     with self._lock:
       st = self._layers.get(key)
@@ -346,6 +385,10 @@ class ScannBackend(knn.KNNBackend):
         st = _LayerState(*shape)
         self._layers[key] = st
     return st
+
+  def row_state(self, layer: int, train: bool, row: int) -> _RowState:
+    """The host cache of one global row (tests and tools)."""
+    return self._layers[(layer, bool(train))].rows[row]
 
   def search(self, queries, memory: MemoryState, k: int, context: knn.SearchContext):
     """queries [B,H,Q,D] -> (indices int32 [B,H,Q,k], valid bool [B,H,Q,k]).
@@ -355,40 +398,93 @@ class ScannBackend(knn.KNNBackend):
     """
     if context is None:
       raise ScannBackendError("ScannBackend.search needs a SearchContext (layer, train, reset, new_keys)")
-    b, h, q, d = queries.shape
-    out_shapes = (jax.ShapeDtypeStruct((b, h, q, k), jnp.int32),
-                  jax.ShapeDtypeStruct((b, h, q, k), jnp.bool_))
-    host = functools.partial(self._host_step, int(context.layer), bool(context.train), int(k),
-                             tuple(memory.keys.shape))
     sg = jax.lax.stop_gradient
-    idx, valid = jax.pure_callback(
-        host, out_shapes,
-        sg(queries).astype(jnp.float32), sg(context.reset).astype(bool),
-        sg(context.new_keys).astype(jnp.float32),
-        sg(memory.pointer).astype(jnp.int32), sg(memory.count).astype(jnp.int32),
-        vmap_method="sequential")
-    return idx, valid
+    args = (sg(queries).astype(jnp.float32), sg(context.reset).astype(bool),
+            sg(context.new_keys).astype(jnp.float32),
+            sg(memory.pointer).astype(jnp.int32), sg(memory.count).astype(jnp.int32))
+    shape = tuple(memory.keys.shape[1:])
+    host = functools.partial(self._host_step, int(context.layer), bool(context.train), int(k),
+                             shape)
+
+    def call(row0, *local):
+      b, h, q, _ = local[0].shape
+      rows = row0 + jnp.arange(b, dtype=jnp.int32)
+      out_shapes = (jax.ShapeDtypeStruct((b, h, q, k), jnp.int32),
+                    jax.ShapeDtypeStruct((b, h, q, k), jnp.bool_))
+      return jax.pure_callback(host, out_shapes, rows, *local, vmap_method="sequential")
+
+    b = queries.shape[0]
+    get_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
+    abstract = get_mesh() if get_mesh else None
+    manual = tuple(getattr(abstract, "manual_axes", ()) or ())
+    if manual:
+      # Already per device (the caller's shard_map): this device's global row offset.
+      dev = 0
+      for name in abstract.axis_names:
+        if name in manual:
+          dev = dev * abstract.shape[name] + jax.lax.axis_index(name)
+      return call(dev * b, *args)
+    ndev = jax.device_count()
+    if self.shard_rows == "off" or ndev == 1 or b % ndev:
+      return call(0, *args)
+    # One host call per device with its own rows.
+    from jax.sharding import Mesh, PartitionSpec as P
+    try:
+      from jax import shard_map
+    except ImportError:                           # jax < 0.7
+      from jax.experimental.shard_map import shard_map
+    mesh = Mesh(np.asarray(jax.devices()), (self.row_axis,))
+    spec = P(self.row_axis)
+
+    def local(*xs):
+      return call(jax.lax.axis_index(self.row_axis) * (b // ndev), *xs)
+
+    return shard_map(local, mesh=mesh, in_specs=(spec,) * len(args),
+                     out_specs=(spec, spec))(*args)
 
   def sync(self, layer: int, train: bool, memory: MemoryState) -> None:
-    """Rebuilds the (layer, mode) searchers from the device ring buffer."""
-    keys = np.asarray(jax.device_get(memory.keys), np.float32)
-    pointer = np.asarray(jax.device_get(memory.pointer))
-    count = np.asarray(jax.device_get(memory.count))
-    st = self._layer_state(layer, train, keys.shape)
+    """Rebuilds the (layer, mode) searchers of this process's rows from the device
+    ring buffer (the rows of `memory` held by this process's devices)."""
+    keys = _local_rows(memory.keys)
+    pointer = _local_rows(memory.pointer)
+    count = _local_rows(memory.count)
+    shape = next(iter(keys.values())).shape if keys else None
+    if shape is None:
+      return
+    st = self._layer_state(layer, train, shape)
     with self._lock:
-      b, h = keys.shape[:2]
-      st.mirror[...] = keys
-      st.searchers = [[_Searcher() for _ in range(h)] for _ in range(b)]
-      jobs = [self._pool.submit(self._build, st.searchers[row][head],
-                                st.mirror[row, head, :int(count[row])], keys.shape[2], 32)
-              for row in range(b) if count[row] > 0 for head in range(h)]
-      for fut in jobs:
-        fut.result()
-      st.pointer[:], st.count[:] = pointer, count
-      st.known[:] = True
-      st.fingerprint, st.last_output = None, None
+      st.rows.clear()
+      st.last.clear()
+      for row, kr in keys.items():
+        r = st.rows[row] = _RowState(*shape)
+        r.mirror[...] = kr
+        r.pointer, r.count = int(pointer[row]), int(count[row])
+    jobs = [self._pool.submit(self._build, r.searchers[head], r.mirror[head, :r.count],
+                              shape[1], 32)
+            for r in st.rows.values() if r.count > 0 for head in range(shape[0])]
+    for fut in jobs:
+      fut.result()
 
   def clear(self) -> None:
     """Drops every host index (all layers and modes)."""
     with self._lock:
       self._layers.clear()
+
+
+def _local_rows(x) -> Dict[int, np.ndarray]:
+  """{global row: that row of x} for the rows this process holds.
+
+  x: a numpy array (all rows) or a jax.Array, possibly sharded over rows and
+  over processes (then only the rows of this process's devices are read).
+  """
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    data = np.asarray(jax.device_get(x))
+    return {i: data[i] for i in range(data.shape[0])}
+  out = {}
+  for shard in x.addressable_shards:
+    first = shard.index[0] if shard.index else slice(None)
+    start = first.start or 0
+    data = np.asarray(shard.data)
+    for i in range(data.shape[0]):
+      out.setdefault(start + i, data[i])
+  return out
