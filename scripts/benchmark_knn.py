@@ -36,20 +36,86 @@ from memorizing.knn import device
 from memorizing.knn.exact import ExactBackend
 
 # (label, DeviceBackend options); pallas rows only run on GPU.
+# --configs table: the rows of docs/knn.md's table.
 DEVICE_CONFIGS = [
-    ("xla f32 S=256", dict(impl="xla", compute_dtype="float32", num_buckets=256)),
     ("xla bf16 S=256", dict(impl="xla", compute_dtype="bfloat16", num_buckets=256)),
-    ("xla bf16 S=128", dict(impl="xla", compute_dtype="bfloat16", num_buckets=128)),
-    ("pallas S=128 bq=64 w4", dict(impl="pallas", num_buckets=128, block_q=64, num_warps=4)),
-    ("pallas S=128 bq=64 w4 packed", dict(impl="pallas", num_buckets=128, block_q=64, num_warps=4, packed=True)),
-    ("pallas S=128 bq=128 w4 packed", dict(impl="pallas", num_buckets=128, block_q=128, num_warps=4, packed=True)),
-    ("pallas S=256 bq=32 w4", dict(impl="pallas", num_buckets=256, block_q=32, num_warps=4)),
-    ("pallas S=256 bq=64 w4", dict(impl="pallas", num_buckets=256, block_q=64, num_warps=4)),
-    ("pallas S=256 bq=64 w4 packed", dict(impl="pallas", num_buckets=256, block_q=64, num_warps=4, packed=True)),
-    ("pallas S=256 bq=64 w8 packed", dict(impl="pallas", num_buckets=256, block_q=64, num_warps=8, packed=True)),
-    ("pallas S=256 bq=32 w4 packed", dict(impl="pallas", num_buckets=256, block_q=32, num_warps=4, packed=True)),
+    ("pallas S=256 pair bq64 w8 rows (old default)",
+     dict(impl="pallas", num_buckets=256, block_q=64, num_warps=8, packed=False, grid_order="rows")),
+    ("pallas S=128 pair bq64 w4 rows",
+     dict(impl="pallas", num_buckets=128, block_q=64, num_warps=4, packed=False, grid_order="rows")),
+    ("pallas S=256 pair bq128 w16 queries",
+     dict(impl="pallas", num_buckets=256, block_q=128, num_warps=16, packed=False,
+          grid_order="queries")),
     ("auto (default options)", dict()),
 ]
+
+
+def _tune_configs(which):
+  """--configs tune1 / tune2: the sweeps that chose the defaults (GPU, pallas).
+
+  packed="max" rows are the kernel's floor (bucket maxima only, no slots: the
+  same dots and one max per score); their recall is meaningless."""
+  out = []
+  base = dict(impl="pallas")
+  tune1 = [
+      (256, False, 64, 8, 3, "rows"), (256, False, 64, 8, 3, "queries"),
+      (128, False, 64, 4, 3, "rows"), (128, False, 64, 4, 3, "queries"),
+      (256, True, 64, 8, 3, "queries"),
+      (256, "offset", 64, 8, 3, "rows"), (256, "offset", 64, 8, 3, "queries"),
+      (256, "offset", 64, 4, 3, "queries"), (256, "offset", 32, 4, 3, "queries"),
+      (256, "offset", 128, 8, 3, "queries"), (256, "offset", 128, 16, 3, "queries"),
+      (256, "offset", 64, 8, 2, "queries"), (256, "offset", 64, 8, 4, "queries"),
+      (256, "offset", 128, 8, 2, "queries"), (256, "offset", 64, 16, 3, "queries"),
+      (192, "offset", 64, 4, 3, "queries"), (192, "offset", 64, 8, 3, "queries"),
+      (192, "offset", 128, 8, 3, "queries"),
+      (128, "offset", 64, 4, 3, "queries"), (128, "offset", 128, 4, 3, "queries"),
+      (128, "offset", 128, 8, 3, "queries")]
+  tune2 = [
+      (256, "offset", 128, 16, 3, "queries"), (256, "offset", 128, 16, 2, "queries"),
+      (256, "offset", 128, 16, 4, "queries"), (256, "offset", 256, 16, 3, "queries"),
+      (256, "offset", 256, 32, 3, "queries"), (256, "offset", 128, 32, 3, "queries"),
+      (256, "offset", 128, 16, 3, "queries", 64), (256, "offset", 128, 16, 3, "queries", 256),
+      (256, False, 128, 16, 3, "queries"), (256, True, 128, 16, 3, "queries"),
+      (256, "offset", 128, 16, 3, "rows"),
+      (128, "offset", 128, 16, 3, "queries"), (128, False, 128, 16, 3, "queries"),
+      (192, "offset", 128, 16, 3, "queries"),
+      (256, "max", 128, 16, 3, "queries"), (256, "max", 64, 8, 3, "queries"),
+      (128, "max", 128, 16, 3, "queries")]
+  tune3 = [
+      (256, "offset", 128, 16, 3, "queries"), (256, "offset", 256, 16, 2, "queries"),
+      (256, "offset", 256, 8, 2, "queries"), (256, "offset", 256, 32, 2, "queries"),
+      (256, "offset", 128, 8, 3, "queries", 256), (128, "offset", 256, 16, 2, "queries")]
+  for cfg in {"tune1": tune1, "tune2": tune2, "tune3": tune3}[which]:
+    s, packed, bq, w, st, grid = cfg[:6]
+    chunk = cfg[6] if len(cfg) > 6 else None
+    label = (f"pallas S={s} {packed if packed else 'pair'} bq{bq} w{w} st{st} {grid}"
+             + (f" chunk{chunk}" if chunk else ""))
+    out.append((label, dict(base, num_buckets=s, packed=packed, block_q=bq, num_warps=w,
+                            num_stages=st, grid_order=grid, chunk=chunk)))
+  if which == "tune3":
+    pass
+  elif which == "tune1":
+    out.append(("pallas S=256 offset bq64 w8 st3 queries lax.top_k",
+                dict(base, num_buckets=256, packed="offset", block_q=64, num_warps=8,
+                     num_stages=3, grid_order="queries", top_k_impl="lax")))
+  else:
+    out.append(("pallas S=256 offset bq128 w16 st3 queries lax.top_k",
+                dict(base, num_buckets=256, packed="offset", block_q=128, num_warps=16,
+                     num_stages=3, grid_order="queries", top_k_impl="lax")))
+  out.append(("auto (default options)", dict()))
+  return out
+
+
+def _search_fn(opts, k):
+  """(jitted search, backend or None); packed="max" runs the floor kernel directly."""
+  if opts.get("packed") == "max":
+    o = dict(opts)
+    fn = lambda qq, m: device._buckets_pallas(
+        qq, m.keys, m.count, o["num_buckets"], k, jnp.bfloat16, o["block_q"], o["num_warps"],
+        o["num_stages"], False, "max", "sort", o["grid_order"], o.get("chunk"))
+    return jax.jit(fn), None
+  be = device.DeviceBackend(**opts)
+  return jax.jit(lambda qq, m: be.search(qq, m, k, None)), be
 
 
 def exact_search(queries, mem, k, max_elements=2 ** 31):
@@ -66,14 +132,21 @@ def exact_search(queries, mem, k, max_elements=2 ** 31):
   return merge(i), merge(v)
 
 
-def time_fn(fn, *args, repeats: int):
-  """Median wall time in ms of fn(*args) (compiled, after one warm-up)."""
+def time_fn(fn, *args, repeats: int, calls: int = 5):
+  """ms per call of fn(*args): median over `repeats` of (wall time of `calls`
+  back-to-back calls, synchronised once at the end) / calls; after one warm-up.
+  Back-to-back calls hide the host's dispatch (~0.05-0.1 ms) behind the device."""
+  t = time.perf_counter()
   jax.block_until_ready(fn(*args))
+  if time.perf_counter() - t > 0.05:     # slow (exact at large N): one call, 3 repeats
+    calls, repeats = 1, min(repeats, 3)
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t) * 1e3)
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t) * 1e3 / calls)
   return statistics.median(times)
 
 
@@ -110,22 +183,25 @@ def bench_size(args, n: int, rows: list):
 
   if "device" in backends:
     on_gpu = jax.default_backend() == "gpu"
-    for label, opts in DEVICE_CONFIGS:
+    configs = DEVICE_CONFIGS if args.configs == "table" else _tune_configs(args.configs)
+    for label, opts in configs:
       if opts.get("impl") == "pallas" and not on_gpu:
         continue
-      be = device.DeviceBackend(**opts)
-      fn = jax.jit(lambda qq, m, be=be: be.search(qq, m, k, None))
       try:
+        fn, be = _search_fn(opts, k)
         i, v = fn(queries, mem)
-        r = device.recall(i, v, ei, ev)
+        r = device.recall(i, v, ei, ev) if be else None
         ms = time_fn(fn, queries, mem, repeats=args.repeats)
         rows.append(dict(common, backend="device", config=label, options=opts,
-                         resolved_impl=be.resolved_impl(d, k), ms=ms, recall=r))
+                         resolved_impl=be.resolved_impl(d, k) if be else "pallas", ms=ms,
+                         recall=r))
       except Exception as e:  # report and go on: one bad config must not lose the table
         traceback.print_exc()
         rows.append(dict(common, backend="device", config=label, options=opts,
                          error=f"{type(e).__name__}: {str(e)[:300]}"))
       print_row(rows[-1])
+      if args.write:
+        args.write(rows)
 
   if "scann" in backends:
     bench_scann(args, common, mem, queries, keys, k, rows)
@@ -178,7 +254,7 @@ def print_row(r):
              f"build {r['build_s']:.1f} s, min recall {r['recall_min']:.3f}")
   if "error" in r:
     extra = r["error"][:100]
-  print(f"{r['n']:>7} {r['dim']:>4} {r['backend']:<12} {r['config']:<30} {ms} ms  "
+  print(f"{r['n']:>7} {r['dim']:>4} {r['backend']:<12} {r['config']:<48} {ms} ms  "
         f"recall {rec:<6} {extra}", flush=True)
 
 
@@ -195,6 +271,8 @@ def main():
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--scann_steps", type=int, default=4)
   p.add_argument("--output", default=None)
+  p.add_argument("--configs", default="table", choices=("table", "tune1", "tune2", "tune3"),
+                 help="device backend rows: docs/knn.md's table, or a tuning sweep")
   p.add_argument("--keys_file", default=None,
                  help="npz from scripts/capture_keys.py: benchmark on a model's real keys "
                       "and queries (its shape replaces --sizes/--dims/--batch/--heads/--queries)")
@@ -205,10 +283,16 @@ def main():
     args.queries = np.load(args.keys_file)["queries"].shape[2]
   print(f"jax {jax.__version__} on {jax.default_backend()}: {jax.devices()[0].device_kind}; "
         f"{args.batch} rows x {args.heads} heads x {args.queries} queries, k={args.k}")
-  print(f"{'N':>7} {'dim':>4} {'backend':<12} {'config':<30} {'time':>13}  recall")
+  print(f"{'N':>7} {'dim':>4} {'backend':<12} {'config':<48} {'time':>13}  recall")
   rows = []
   meta = dict(keys=args.keys_file or "synthetic_memory", jax=jax.__version__, platform=jax.default_backend(),
-              device=jax.devices()[0].device_kind, host=platform.node(), args=dict(vars(args)))
+              device=jax.devices()[0].device_kind, host=platform.node(), args=dict(vars(args)),
+              timing="ms per call: median of 5 back-to-back calls per repeat")
+  def write(rows):
+    if args.output:
+      with open(args.output, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+  args.write = write
   for d in map(int, args.dims.split(",")):
     args.dim = d
     for n in map(int, args.sizes.split(",")):
@@ -217,9 +301,7 @@ def main():
       except Exception as e:  # e.g. out of memory at the largest size: keep the rest
         traceback.print_exc()
         rows.append(dict(n=n, dim=d, backend="all", config="", error=f"{type(e).__name__}: {str(e)[:300]}"))
-      if args.output:      # after every size, so a run cut short still leaves its rows
-        with open(args.output, "w") as f:
-          json.dump(dict(meta=meta, rows=rows), f, indent=1)
+      write(rows)          # after every size (and row), so a run cut short leaves its rows
   if args.output:
     print("wrote", args.output)
 

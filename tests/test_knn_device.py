@@ -22,12 +22,15 @@ def search(backend, queries, mem, k=K):
   return jax.jit(lambda q, m: backend.search(q, m, k, None))(queries, mem)
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
 @pytest.mark.parametrize("size", [1536, 8192])
-def test_device_recall_at_least_0_9_on_structured_keys(size):
+def test_device_recall_at_least_0_9_on_structured_keys(size, impl):
+  # pallas: the GPU kernel with its default options (packed="offset", bf16), interpreted
   keys, queries = device.synthetic_memory(jax.random.PRNGKey(0), 2, 2, size, 256, 64)
   mem = full_memory(keys)
   ei, ev = ExactBackend().search(queries, mem, K)
-  i, v = search(device.DeviceBackend(impl="xla"), queries, mem)
+  opts = dict(impl="pallas", interpret=True, compute_dtype="bfloat16") if impl == "pallas" else {}
+  i, v = search(device.DeviceBackend(**opts), queries, mem)
   r = device.recall(i, v, ei, ev)
   assert r >= 0.9, r
   assert r < 1.0  # really approximate at these sizes: the test can tell
@@ -43,8 +46,8 @@ def test_device_pallas_kernel_in_interpret_mode_matches_xla():
   keys, queries = device.synthetic_memory(jax.random.PRNGKey(1), 1, 2, 1000, 40, 32)
   mem = full_memory(keys, count=900)     # odd N, partly filled, Q not a multiple of block_q
   a = search(device.DeviceBackend(impl="xla", num_buckets=64), queries, mem)
-  b = search(device.DeviceBackend(impl="pallas", num_buckets=64, block_q=16, interpret=True),
-             queries, mem)
+  b = search(device.DeviceBackend(impl="pallas", num_buckets=64, block_q=16, interpret=True,
+                                  packed=False), queries, mem)
   np.testing.assert_array_equal(a[1], b[1])
   np.testing.assert_array_equal(np.where(a[1], a[0], -1), np.where(b[1], b[0], -1))
 
@@ -104,16 +107,28 @@ def test_device_backend_comes_from_registry_with_options():
     device.DeviceBackend(impl="nope")
 
 
-def test_device_pallas_packed_index_kernel_matches_unpacked():
+@pytest.mark.parametrize("packed, buckets, grid_order, chunk", [
+    (True, 64, "rows", None), ("offset", 48, "queries", None), ("offset", 192, "rows", 64)])
+def test_device_pallas_kernel_variants_match_xla(packed, buckets, grid_order, chunk):
+  # packed int32 states, S not a power of two (column chunks), both launch orders
   keys, queries = device.synthetic_memory(jax.random.PRNGKey(6), 2, 1, 1000, 24, 32)
   count = jnp.array([900, 20], jnp.int32)
   mem = M.MemoryState(keys=keys, values=keys, pointer=count, count=count)
-  a = search(device.DeviceBackend(impl="xla", num_buckets=64), queries, mem)
-  b = search(device.DeviceBackend(impl="pallas", num_buckets=64, block_q=16, interpret=True,
-                                  packed=True), queries, mem)
+  a = search(device.DeviceBackend(impl="xla", num_buckets=buckets), queries, mem)
+  b = search(device.DeviceBackend(impl="pallas", num_buckets=buckets, block_q=16, interpret=True,
+                                  packed=packed, grid_order=grid_order, chunk=chunk),
+             queries, mem)
   np.testing.assert_array_equal(a[1], b[1])
   agree = (np.where(a[1], a[0], -1) == np.where(b[1], b[0], -1)).mean()
   assert agree > 0.99, agree     # packed scores lose low bits: rare near-ties may differ
+
+
+def test_device_default_options_are_the_documented_ones():
+  be = device.DeviceBackend()
+  assert (be.buckets(32), be.block_q, be.num_warps, be.num_stages, be.packed, be.grid_order,
+          be.top_k_impl) == (256, 128, 16, 3, "offset", "queries", "sort")
+  with pytest.raises(ValueError, match="packed"):
+    device.DeviceBackend(packed="nope")
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])

@@ -135,49 +135,84 @@ def _buckets_xla(queries, keys, count, num_buckets, k, score_dtype, max_score_el
 # Fused Pallas (Triton) implementation for GPUs
 
 
-def _bucket_kernel(q_ref, k_ref, bias_ref, max_ref, arg_ref, *, num_blocks, block_k,
+_OFFSET = 2.0   # packed="offset": scores are stored as the int32 bits of (score + 2)
+
+
+def _bucket_kernel(q_ref, k_ref, bias_ref, *out_refs, num_blocks, block_k, chunk, mode,
                    index_bits):
   """One program: `block_q` queries of one (row, head) against all its keys.
 
-  q_ref [block_q, D], k_ref [n_pad, D], bias_ref [n_pad],
-  max_ref [block_q, S] f32, arg_ref [block_q, S] int32 (block number j; slot = j*S + col).
-  With index_bits > 0 ("packed"), max_ref is unused and arg_ref holds, per
-  bucket, the max of (order-preserving int32 of the score, low index_bits
-  bits replaced by j): one integer max per score instead of compare + 2 selects.
+  q_ref [block_q, D], k_ref [n_pad, D], bias_ref [n_pad]. The memory is walked
+  in blocks of S = block_k keys; bucket c of block j is slot j*S + c. Each
+  block's [block_q, S] scores are computed in column chunks of `chunk`
+  (a power of two; S need not be one), each with its own running state.
+  mode "pair":     out_refs = (max [block_q, S] f32, arg [block_q, S] int32 =
+                   the block number j of the max): compare + 2 selects per score.
+  mode "sortable": out_refs = (key [block_q, S] int32,): per bucket the max of
+                   (order-preserving int32 of the score, low `index_bits` bits
+                   replaced by j): one integer max per score, any float.
+  mode "offset":   like "sortable" with the int32 bits of (score + 2) instead:
+                   positive floats order like their bits, so a score costs one
+                   add (the bias array holds 2 or -inf), one and/or, one
+                   integer max; exact order for scores > -2 (unit-norm queries
+                   and keys have scores in [-1, 1]); invalid slots come out negative.
   """
   from jax.experimental import pallas as pl
   q = q_ref[...]
   block_q = q.shape[0]
+  parts = block_k // chunk
 
-  def scores(j):
-    start = pl.multiple_of(j * block_k, block_k)
-    kb = k_ref[pl.ds(start, block_k), :]                            # [S, D]
-    s = jax.lax.dot_general(q, kb, (((1,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32)   # [block_q, S]
-    return s + bias_ref[pl.ds(start, block_k)][None, :]
+  def scores(j, c):
+    start = pl.multiple_of(j * block_k + c * chunk, chunk)
+    kb = k_ref[pl.ds(start, chunk), :]                              # [chunk, D]
+    sc = jax.lax.dot_general(q, kb, (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)    # [block_q, chunk]
+    return sc + bias_ref[pl.ds(start, chunk)][None, :]
 
-  if index_bits:
-    def body(j, best):
-      key = _sortable_int(scores(j))
-      key = (key & jnp.int32(~((1 << index_bits) - 1))) | j
-      return jnp.maximum(best, key)
-    best = jax.lax.fori_loop(0, num_blocks, body,
-                             jnp.full((block_q, block_k), jnp.iinfo(jnp.int32).min, jnp.int32))
-    max_ref[...] = jnp.zeros((block_q, block_k), jnp.float32)
-    arg_ref[...] = best
+  if mode == "pair":
+    def body(j, carry):
+      out = []
+      for c in range(parts):
+        best, arg = carry[c]
+        sc = scores(j, c)
+        better = sc > best
+        out.append((jnp.where(better, sc, best), jnp.where(better, j, arg)))
+      return tuple(out)
+    init = tuple((jnp.full((block_q, chunk), -jnp.inf, jnp.float32),
+                  jnp.zeros((block_q, chunk), jnp.int32)) for _ in range(parts))
+    state = jax.lax.fori_loop(0, num_blocks, body, init)
+    max_ref, arg_ref = out_refs
+    for c in range(parts):
+      max_ref[:, pl.ds(c * chunk, chunk)] = state[c][0]
+      arg_ref[:, pl.ds(c * chunk, chunk)] = state[c][1]
     return
 
-  def body(j, carry):
-    best, arg = carry
-    s = scores(j)
-    better = s > best
-    return jnp.where(better, s, best), jnp.where(better, j, arg)
+  if mode == "max":              # benchmark floor only: bucket maxima, no slot
+    def body(j, carry):
+      return tuple(jnp.maximum(carry[c], scores(j, c)) for c in range(parts))
+    init = tuple(jnp.full((block_q, chunk), -jnp.inf, jnp.float32) for _ in range(parts))
+    state = jax.lax.fori_loop(0, num_blocks, body, init)
+    (max_ref,) = out_refs
+    for c in range(parts):
+      max_ref[:, pl.ds(c * chunk, chunk)] = state[c]
+    return
 
-  init = (jnp.full((block_q, block_k), -jnp.inf, jnp.float32),
-          jnp.zeros((block_q, block_k), jnp.int32))
-  best, arg = jax.lax.fori_loop(0, num_blocks, body, init)
-  max_ref[...] = best
-  arg_ref[...] = arg
+  keep = jnp.int32(~((1 << index_bits) - 1))
+
+  def body(j, carry):
+    out = []
+    for c in range(parts):
+      sc = scores(j, c)
+      key = (_sortable_int(sc) if mode == "sortable"
+             else jax.lax.bitcast_convert_type(sc, jnp.int32))
+      out.append(jnp.maximum(carry[c], (key & keep) | j))
+    return tuple(out)
+  init = tuple(jnp.full((block_q, chunk), jnp.iinfo(jnp.int32).min, jnp.int32)
+               for _ in range(parts))
+  state = jax.lax.fori_loop(0, num_blocks, body, init)
+  (key_ref,) = out_refs
+  for c in range(parts):
+    key_ref[:, pl.ds(c * chunk, chunk)] = state[c]
 
 
 def _sortable_int(x: jax.Array) -> jax.Array:
@@ -191,16 +226,47 @@ def _unsortable(key: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
+def pallas_chunk(num_buckets: int, chunk: Optional[int] = None) -> int:
+  """Column chunk of the Pallas kernel: `chunk` if given, else the largest power
+  of two <= 128 dividing S."""
+  if chunk:
+    if num_buckets % chunk or chunk & (chunk - 1):
+      raise ValueError(f"DeviceBackend chunk={chunk} must be a power of two dividing "
+                       f"num_buckets={num_buckets}")
+    return chunk
+  c = 128
+  while c > 1 and num_buckets % c:
+    c //= 2
+  return c
+
+
+def _packed_mode(packed) -> str:
+  if packed in (False, None, "pair"):
+    return "pair"
+  if packed in (True, "sortable"):
+    return "sortable"
+  if packed == "offset":
+    return "offset"
+  raise ValueError(f"DeviceBackend packed={packed!r}; choose False, True (sortable) or 'offset'")
+
+
 def _buckets_pallas(queries, keys, count, num_buckets, k, compute_dtype, block_q,
-                    num_warps, num_stages, interpret, packed=False, top_k_impl="sort"):
-  """Same contract as _buckets_xla, fused; S must be a power of two >= 16."""
+                    num_warps, num_stages, interpret, packed=False, top_k_impl="sort",
+                    grid_order="queries", chunk=None):
+  """Same contract as _buckets_xla, fused; S must be a multiple of 16."""
   from jax.experimental import pallas as pl
   b, h, q, d = queries.shape
   n = keys.shape[2]
   s = num_buckets
+  chunk = pallas_chunk(s, chunk)
+  if chunk < 16:
+    raise ValueError(f"DeviceBackend pallas needs num_buckets a multiple of 16, got {s}")
+  mode = "max" if packed == "max" else _packed_mode(packed)
   n_pad = _round_up(n, s)
   q_pad = _round_up(q, block_q)
   bias = _slot_bias(count, n_pad)                                   # [B, n_pad]
+  if mode == "offset":
+    bias = bias + _OFFSET
   keys = jnp.pad(keys, ((0, 0), (0, 0), (0, n_pad - n), (0, 0))).astype(compute_dtype)
   queries = jnp.pad(queries, ((0, 0), (0, 0), (0, q_pad - q), (0, 0))).astype(compute_dtype)
   qf = queries.reshape(b * h, q_pad, d)
@@ -211,33 +277,52 @@ def _buckets_pallas(queries, keys, count, num_buckets, k, compute_dtype, block_q
     from jax.experimental.pallas import triton as plgpu
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   num_blocks = n_pad // s
-  index_bits = max(1, (num_blocks - 1).bit_length()) if packed else 0
-  kernel = functools.partial(_bucket_kernel, num_blocks=num_blocks, block_k=s,
-                             index_bits=index_bits)
-  best, arg = pl.pallas_call(
+  index_bits = max(1, (num_blocks - 1).bit_length())
+  kernel = functools.partial(_bucket_kernel, num_blocks=num_blocks, block_k=s, chunk=chunk,
+                             mode=mode, index_bits=index_bits)
+  nq = q_pad // block_q
+  if grid_order == "queries":
+    # The query blocks of one (row, head) run next to each other (grid axis 0
+    # is the fastest-varying launch axis), so they read its keys from L2.
+    grid = (nq, b * h)
+    rowhead = lambda i, j: (j, i)
+  elif grid_order == "rows":
+    grid = (b * h, nq)
+    rowhead = lambda i, j: (i, j)
+  else:
+    raise ValueError(f"DeviceBackend grid_order={grid_order!r}; choose queries or rows")
+  qspec = pl.BlockSpec((None, block_q, d), lambda i, j: (*rowhead(i, j), 0))
+  kspec = pl.BlockSpec((None, n_pad, d), lambda i, j: (rowhead(i, j)[0], 0, 0))
+  bspec = pl.BlockSpec((None, n_pad), lambda i, j: (rowhead(i, j)[0] // h, 0))
+  ospec = pl.BlockSpec((None, block_q, s), lambda i, j: (*rowhead(i, j), 0))
+  out_shape = {"pair": [jnp.float32, jnp.int32], "max": [jnp.float32]}.get(mode, [jnp.int32])
+  outs = pl.pallas_call(
       kernel,
-      grid=(b * h, q_pad // block_q),
-      in_specs=[pl.BlockSpec((None, block_q, d), lambda i, j: (i, j, 0)),
-                pl.BlockSpec((None, n_pad, d), lambda i, j: (i, 0, 0)),
-                pl.BlockSpec((None, n_pad), lambda i, j: (i // h, 0))],
-      out_specs=[pl.BlockSpec((None, block_q, s), lambda i, j: (i, j, 0)),
-                 pl.BlockSpec((None, block_q, s), lambda i, j: (i, j, 0))],
-      out_shape=[jax.ShapeDtypeStruct((b * h, q_pad, s), jnp.float32),
-                 jax.ShapeDtypeStruct((b * h, q_pad, s), jnp.int32)],
+      grid=grid,
+      in_specs=[qspec, kspec, bspec],
+      out_specs=[ospec] * len(out_shape),
+      out_shape=[jax.ShapeDtypeStruct((b * h, q_pad, s), t) for t in out_shape],
       interpret=interpret,
       **kwargs,
   )(qf, kf, bias)
-  best = best.reshape(b, h, q_pad, s)[:, :, :q]
-  arg = arg.reshape(b, h, q_pad, s)[:, :, :q]
-  if packed:
-    keyv, bucket = top_k(arg, min(k, s), top_k_impl)
-    low = jnp.int32((1 << index_bits) - 1)
+  outs = [o.reshape(b, h, q_pad, s)[:, :, :q] for o in outs]
+  if mode == "max":
+    vals, bucket = top_k(outs[0], min(k, s), top_k_impl)
+    return vals, bucket.astype(jnp.int32)
+  if mode == "pair":
+    best, arg = outs
+    vals, bucket = top_k(best, min(k, s), top_k_impl)
+    slots = jnp.take_along_axis(arg, bucket, axis=-1) * s + bucket
+    return vals, slots.astype(jnp.int32)
+  keyv, bucket = top_k(outs[0], min(k, s), top_k_impl)
+  low = jnp.int32((1 << index_bits) - 1)
+  if mode == "sortable":
     vals = _unsortable(keyv & ~low)
     vals = jnp.where(vals > -1e30, vals, -jnp.inf)      # -inf comes back as NaN: invalid
-    slots = (keyv & low) * s + bucket
-    return vals, slots.astype(jnp.int32)
-  vals, bucket = top_k(best, min(k, s), top_k_impl)
-  slots = jnp.take_along_axis(arg, bucket, axis=-1) * s + bucket
+  else:
+    vals = jax.lax.bitcast_convert_type(keyv & ~low, jnp.float32) - _OFFSET
+    vals = jnp.where(keyv >= 0, vals, -jnp.inf)         # negative: an invalid slot
+  slots = (keyv & low) * s + bucket
   return vals, slots.astype(jnp.int32)
 
 
@@ -256,21 +341,38 @@ class DeviceBackend(knn.KNNBackend):
                     which accumulates in float32.
     max_score_elements: 2**30; the xla path goes over queries in chunks so
                     that one [B,H,chunk,N] score block stays under this.
-    block_q, num_warps, num_stages: Pallas tiling (64, 8, 3).
+    block_q, num_warps, num_stages: Pallas tiling (128, 16, 3; tuned on an
+                    H200, docs/knn.md).
     interpret:      False; True runs the Pallas kernel in interpret mode (CPU tests).
-    packed:         False; the Pallas kernel keeps one int32 per bucket: the
-                    score's order-preserving bits with the block number in the
-                    low ceil(log2(N/S)) bits (relative score error <= 2^(bits-23)).
+    packed:         what the Pallas kernel keeps per bucket (see _bucket_kernel):
+                    "offset" (default): one int32, the bits of (score + 2) with
+                    the block number in the low ceil(log2(N/S)) bits (score
+                    error <= 2^(bits-22)); exact order for scores > -2, which
+                    holds for the memory layer's unit-norm queries and keys.
+                    True: the same with an order-preserving int32 of any float.
+                    False: the float max and its block number (two arrays).
     top_k_impl:     "sort" (partitions over sharded rows) or "lax" (lax.top_k),
                     for the final top k of the bucket maxima; see `top_k`.
+    grid_order:     "queries" (default): a (row, head)'s query blocks are
+                    launched next to each other and share its keys in L2;
+                    "rows": the other way round.
+    chunk:          None; the kernel computes a block's S scores in column
+                    chunks of this power of two (default: largest <= 128
+                    dividing S), so S need not be a power of two.
   """
   name = "device"
 
   def __init__(self, recall_target: float = 0.9, num_buckets: Optional[int] = None,
                impl: str = "auto", compute_dtype: str = "auto",
-               max_score_elements: int = 2 ** 30, block_q: int = 64,
-               num_warps: int = 8, num_stages: int = 3, interpret: bool = False,
-               packed: bool = False, top_k_impl: str = "sort"):
+               max_score_elements: int = 2 ** 30, block_q: int = 128,
+               num_warps: int = 16, num_stages: int = 3, interpret: bool = False,
+               packed="offset", top_k_impl: str = "sort", grid_order: str = "queries",
+               chunk: Optional[int] = None):
+    self.chunk = chunk
+    _packed_mode(packed)                    # validates
+    if grid_order not in ("queries", "rows"):
+      raise ValueError(f"DeviceBackend grid_order={grid_order!r}; choose queries or rows")
+    self.grid_order = grid_order
     if top_k_impl not in ("sort", "lax"):
       raise ValueError(f"DeviceBackend top_k_impl={top_k_impl!r}; choose sort or lax")
     self.top_k_impl = top_k_impl
@@ -304,7 +406,7 @@ class DeviceBackend(knn.KNNBackend):
       return "approx_max_k"
     s = self.buckets(k)
     pow2 = lambda x: x >= 16 and x & (x - 1) == 0
-    if platform == "gpu" and pow2(s) and pow2(head_dim) and pow2(self.block_q):
+    if platform == "gpu" and pallas_chunk(s, self.chunk) >= 16 and pow2(head_dim) and pow2(self.block_q):
       return "pallas"
     return "xla"
 
@@ -337,7 +439,7 @@ class DeviceBackend(knn.KNNBackend):
     elif impl == "pallas":
       vals, idx = _buckets_pallas(queries, keys, count, s, k, dtype, self.block_q,
                                   self.num_warps, self.num_stages, self.interpret,
-                                  self.packed, self.top_k_impl)
+                                  self.packed, self.top_k_impl, self.grid_order, self.chunk)
     else:
       score_dtype = jnp.float32 if dtype == jnp.float32 else dtype
       vals, idx = _buckets_xla(queries.astype(dtype), keys.astype(dtype), count, s, k,
