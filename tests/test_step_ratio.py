@@ -6,10 +6,11 @@ the median step time of the same model without the kNN layer, steps of the two
 interleaved so that load from other processes hits both alike. The whole step
 is the trainer's own `train_step` (forward, backward, Adafactor, carried state).
 
-Measured 1.67 on a shared 2-core CPU (the search over 2048 keys costs about as much as
+Measured 1.67-1.97 on a shared 2-core CPU (the search over 2048 keys costs about as much as
 one of the model's layers); MAX_RATIO is generous so only a real regression (a
 dense [B,H,L,N] gradient, a copy of the memory per step, an unfused gather)
-trips it. The H200 numbers and targets are in docs/benchmark_step.md.
+trips it (a sort instead of lax.top_k
+for the final top k measured 5.6). The H200 numbers and targets are in docs/benchmark_step.md.
 """
 import functools
 import statistics
