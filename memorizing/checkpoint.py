@@ -200,7 +200,9 @@ def _load_params(manager, directory: str, step: Optional[int]):
   target = jax.tree_util.tree_map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(tree))
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  return restored["state"]["params"], step
+  # As numpy (the docstring's promise), not pinned to that device: the caller
+  # places them (replicated over a mesh, or wherever jit puts them).
+  return jax.device_get(restored["state"]["params"]), step
 
 
 def check_params_fit(model_config, params, source: str) -> None:

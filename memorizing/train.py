@@ -349,7 +349,8 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
     for step in range(start_step, cfg.num_steps):
       batch = next(batches)
       position = batches.get_state()
-      state, m = step_fn(state, global_batch(batch, mesh), step_rng)
+      with knn.mesh_context(mesh):      # kNN searches run per device on their rows
+        state, m = step_fn(state, global_batch(batch, mesh), step_rng)
       pending.append(m)
       tokens_seen += int(batch["weights"].size)
       done = step + 1

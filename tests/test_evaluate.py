@@ -5,6 +5,7 @@ import json
 import math
 
 import jax
+import numpy as np
 import pytest
 
 from memorizing import checkpoint, cli, evaluate
@@ -41,6 +42,8 @@ def trained(tmp_path_factory):
   assert model.memory_layers == (-1,) and train.data_dir == data_dir
   params, step = checkpoint.load_params(workdir)
   assert step == 3
+  # numpy, as documented: not pinned to a device
+  assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(params))
   return model, train, params, workdir
 
 
@@ -71,7 +74,7 @@ def test_counts_whole_documents_of_any_length_once(trained):
   tok = tokenizers.ByteTokenizer()
   docs = [b"x" * 700, b"", b"a", b"ab", b"hello world " * 5, bytes(range(40, 120)) * 3]
   stream = pipeline.DocumentStream(docs, tok, batch_size=4, segment_length=model.segment_length)
-  params = jax.tree_util.tree_map(lambda x: x.addressable_data(0), params)  # as evaluate_params
+  params = jax.device_put(params, jax.local_devices()[0])   # as evaluate_params
   result = evaluate.evaluate(model, params, stream, tok)
   assert result["tokens"] == sum(max(len(d) - 1, 0) for d in docs)
   assert result["documents"] == sum(1 for d in docs if len(d) >= 2) == 4

@@ -5,6 +5,7 @@ jax is imported, so they run in ONE subprocess (this file run as a script, as
 tests/test_train.py does for its 4-device run); each test asserts one named
 check of that run and shows its traceback when it failed.
 """
+import contextlib
 import importlib.util
 import json
 import os
@@ -54,6 +55,18 @@ def test_device_backend_sharded_search_gathers_no_memory_across_devices(results)
 
 def test_device_pallas_kernel_rows_sharded_over_4_devices(results):
   check(results, "device_pallas_sharded")
+
+
+def test_device_pallas_kernel_as_one_call_over_sharded_rows_still_gives_the_same_indices(results):
+  check(results, "device_pallas_one_kernel_sharded")
+
+
+def test_device_pallas_kernel_runs_per_device_and_gathers_no_memory(results):
+  check(results, "device_pallas_no_all_gather")
+
+
+def test_device_pallas_kernel_takes_inputs_pinned_to_one_device_when_no_mesh_is_declared(results):
+  check(results, "device_pallas_host_inputs")
 
 
 @pytest.mark.skipif(not HAVE_SCANN, reason="scann not installed")
@@ -108,6 +121,9 @@ def _main(group):
   count = jnp.array([1000, 0, 5, 700, 1000, 999, 31, 512], jnp.int32)
   mem = M.MemoryState(keys=keys, values=keys, pointer=count % 1000, count=count)
   put = lambda tree: jax.device_put(tree, rows)
+  # The trainer declares its mesh while a step is traced; backends then search
+  # per device (knn.per_device_rows). Without it they make one call.
+  declared = lambda sharded=True: knn.mesh_context(mesh) if sharded else contextlib.nullcontext()
 
   def device_search(be):
     def f(q, m):
@@ -118,7 +134,8 @@ def _main(group):
   def check_device(be):
     f = device_search(be)
     one = jax.jit(f)(queries, mem)                                  # one device
-    sharded = jax.jit(f, in_shardings=(rows, rows))(put(queries), put(mem))
+    with declared():
+      sharded = jax.jit(f, in_shardings=(rows, rows))(put(queries), put(mem))
     assert sharded[0].sharding.spec[0] == "data", sharded[0].sharding
     for a, b in zip(one, sharded):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -134,16 +151,49 @@ def _main(group):
     run("device_xla_sharded", lambda: check_device(device.DeviceBackend(impl="xla",
                                                                       num_buckets=64)))
 
+  def moves_memory(be, mesh_declared=True):
+    with declared(mesh_declared):
+      hlo = jax.jit(lambda q, m: be.search(q, m, k, None), in_shardings=(rows, rows)).lower(
+          put(queries), put(mem)).compile().as_text()
+    return "all-gather" in hlo or "all-to-all" in hlo
+
   def no_all_gather():
-    be = device.DeviceBackend(impl="xla", num_buckets=64)
-    hlo = jax.jit(lambda q, m: be.search(q, m, k, None), in_shardings=(rows, rows)).lower(
-        put(queries), put(mem)).compile().as_text()
-    assert "all-gather" not in hlo and "all-to-all" not in hlo, "memory moved across devices"
+    assert not moves_memory(device.DeviceBackend(impl="xla", num_buckets=64)), "memory moved"
+
+  pallas = dict(impl="pallas", num_buckets=64, block_q=8, interpret=True)
+
+  def pallas_no_all_gather():
+    assert not moves_memory(device.DeviceBackend(**pallas)), "memory moved across devices"
+    # what the per-device call avoids: one kernel over the whole batch gathers it
+    assert moves_memory(device.DeviceBackend(shard_rows="off", **pallas))
+    assert moves_memory(device.DeviceBackend(**pallas), mesh_declared=False)
 
   if group == "device":
     run("device_xla_no_all_gather", no_all_gather)
-    run("device_pallas_sharded", lambda: check_device(device.DeviceBackend(
-        impl="pallas", num_buckets=64, block_q=8, interpret=True)))
+    run("device_pallas_sharded", lambda: check_device(device.DeviceBackend(**pallas)))
+    run("device_pallas_one_kernel_sharded", lambda: check_device(device.DeviceBackend(
+        shard_rows="off", **pallas)))
+    run("device_pallas_no_all_gather", pallas_no_all_gather)
+
+  def host_inputs():
+    # Inputs pinned to one device (evaluation: each process on its first
+    # device) with no mesh declared: one call there, no clash with a mesh of
+    # all devices. With the mesh declared, numpy inputs are placed over it.
+    be = device.DeviceBackend(**pallas)
+    f = jax.jit(lambda q, m: be.search(q, m, k, None))
+    want = f(queries, mem)
+    d0 = jax.devices()[0]
+    pinned = f(jax.device_put(queries, d0), jax.device_put(mem, d0))
+    assert pinned[0].sharding.device_set == {d0}
+    with declared():
+      host = jax.jit(lambda q, m: be.search(q, m, k, None))(np.asarray(queries),
+                                                             jax.device_get(mem))
+    for got in (pinned, host):
+      for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  if group == "device":
+    run("device_pallas_host_inputs", host_inputs)
 
   if group == "scann":
     from memorizing.knn.scann_host import ScannBackend
@@ -173,7 +223,8 @@ def _main(group):
       outs = []
       for t in range(steps):
         args = (segs[t + 1], segs[t], jnp.asarray(resets[t]))
-        m, res = step(m, *(put(a) if sharded else a for a in args))
+        with declared(sharded):
+          m, res = step(m, *(put(a) if sharded else a for a in args))
         outs.append(tuple(np.asarray(x) for x in res))
       return m, outs
 
@@ -239,9 +290,10 @@ def _main(group):
         f = jax.jit(f, in_shardings=(rows,) * 4) if sharded else jax.jit(f)
         wrap = put if sharded else (lambda x: x)
         m = M.init(b, h, 64, d)
-        f(wrap(q), wrap(m), wrap(jnp.ones((b,), bool)), wrap(segs[0][:, :, :32]))
-        m = M.append(m, segs[0][:, :, :32], segs[0][:, :, :32])
-        _, g = f(wrap(q), wrap(m), wrap(jnp.zeros((b,), bool)), wrap(segs[1][:, :, :32]))
+        with declared(sharded):
+          f(wrap(q), wrap(m), wrap(jnp.ones((b,), bool)), wrap(segs[0][:, :, :32]))
+          m = M.append(m, segs[0][:, :, :32], segs[0][:, :, :32])
+          _, g = f(wrap(q), wrap(m), wrap(jnp.zeros((b,), bool)), wrap(segs[1][:, :, :32]))
         grads.append(np.asarray(g))
       assert np.abs(grads[0]).sum() > 0
       np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6)
@@ -301,8 +353,9 @@ def _main(group):
           apply = jax.jit(apply)
         res = []
         for tok, start in batches:
-          lg, state = apply(state, put(tok) if sharded else tok,
-                            put(start) if sharded else start)
+          with declared(sharded):
+            lg, state = apply(state, put(tok) if sharded else tok,
+                              put(start) if sharded else start)
           res.append(np.asarray(lg))
         return np.concatenate(res, 1)
 

@@ -1,5 +1,6 @@
 """The trainer end to end through the CLI: one run, resume, --init_from, data
 parallel over 4 fake CPU devices, and two processes joined by jax.distributed."""
+import importlib.util
 import json
 import os
 import socket
@@ -109,6 +110,21 @@ def test_four_devices_give_the_same_losses_as_one(tmp_path, data_dir):
   assert r1.returncode == 0, r1.stderr[-2000:]
   assert r4.returncode == 0, r4.stderr[-2000:]
   assert "on 4 cpu device(s)" in r4.stdout
+  np.testing.assert_allclose(train_losses(four), train_losses(one), rtol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scann") is None, reason="scann not installed")
+def test_four_devices_with_per_device_scann_searches_give_the_exact_losses(tmp_path, data_dir):
+  """The trainer declares its mesh, so ScaNN is called once per device with its
+  rows (knn.per_device_rows); brute-force ScaNN equals exact search."""
+  one, four = tmp_path / "one", tmp_path / "four"
+  scann = ("ModelConfig.knn_backend = 'scann'",
+           "ModelConfig.knn_options = (('num_threads', 2), ('tree_min_size', 1048576))")
+  r1 = _run(flags(one, data_dir), {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+  r4 = _run(flags(four, data_dir, *scann),
+            {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  assert r1.returncode == 0, r1.stderr[-2000:]
+  assert r4.returncode == 0, r4.stderr[-2000:]
   np.testing.assert_allclose(train_losses(four), train_losses(one), rtol=1e-4)
 
 

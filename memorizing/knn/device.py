@@ -362,6 +362,12 @@ class DeviceBackend(knn.KNNBackend):
     chunk:          None; the kernel computes a block's S scores in column
                     chunks of this power of two (default: largest <= 128
                     dividing S), so S need not be a power of two.
+    shard_rows:     "auto"; when the caller declares a mesh with axis
+                    `row_axis` (knn.mesh_context, as the trainer's step does),
+                    the Pallas kernel runs once per device on its own rows
+                    (knn.per_device_rows) instead of on rows XLA gathers;
+                    "off": one kernel over the whole batch.
+    row_axis:       "data"; the mesh axis name of the rows (the trainer's mesh).
   """
   name = "device"
 
@@ -370,7 +376,12 @@ class DeviceBackend(knn.KNNBackend):
                max_score_elements: int = 2 ** 30, block_q: int = 128,
                num_warps: int = 16, num_stages: int = 3, interpret: bool = False,
                packed="offset", top_k_impl: str = "auto", grid_order: str = "queries",
-               chunk: Optional[int] = None):
+               chunk: Optional[int] = None, shard_rows: str = "auto",
+               row_axis: str = "data"):
+    if shard_rows not in ("auto", "off"):
+      raise ValueError(f"DeviceBackend shard_rows={shard_rows!r}; choose auto or off")
+    self.shard_rows = shard_rows
+    self.row_axis = row_axis
     self.chunk = chunk
     _packed_mode(packed)                    # validates
     if grid_order not in ("queries", "rows"):
@@ -447,9 +458,13 @@ class DeviceBackend(knn.KNNBackend):
       scores = scores + _slot_bias(count, n)[:, None, None, :]
       vals, idx = jax.lax.approx_max_k(scores, min(k, n), recall_target=self.recall_target)
     elif impl == "pallas":
-      vals, idx = _buckets_pallas(queries, keys, count, s, k, dtype, self.block_q,
-                                  self.num_warps, self.num_stages, self.interpret,
-                                  self.packed, self.top_k_impl, self.grid_order, self.chunk)
+      # The kernel is opaque to XLA's partitioner, which would gather sharded
+      # rows onto every device: run it per device on its own rows instead.
+      run = lambda _, q_, k_, c_: _buckets_pallas(
+          q_, k_, c_, s, k, dtype, self.block_q, self.num_warps, self.num_stages,
+          self.interpret, self.packed, self.top_k_impl, self.grid_order, self.chunk)
+      vals, idx = knn.per_device_rows(run, (queries, keys, count), 2, self.row_axis,
+                                      self.shard_rows == "auto")
     else:
       score_dtype = jnp.float32 if dtype == jnp.float32 else dtype
       vals, idx = _buckets_xla(queries.astype(dtype), keys.astype(dtype), count, s, k,

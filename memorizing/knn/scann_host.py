@@ -18,14 +18,15 @@ so reset -> search -> insert is ordered by construction. The insert is part of
 the call whose output the layer uses, so XLA cannot drop it.
 
 Sharding. Under plain jit a pure_callback runs once, on one device, with the
-whole (gathered) batch. So when there are several devices the host call is
-wrapped in `shard_map` over a 1-D mesh of all devices with axis `row_axis`
-("data", the trainer's mesh, memorizing.train.make_mesh): each device calls
-the host with only its own rows, plus their global row indices, and each
-process keeps searchers for its own rows only. Inside a caller's own
-`shard_map` (all mesh axes manual) the call is already per device; the global
-row index is then (linear device index over the manual axes) * local rows + i,
-i.e. the batch is assumed split over the manual axes in mesh order.
+whole (gathered) batch. So when the caller declares a mesh with axis
+`row_axis` ("data", the trainer's mesh, memorizing.train.make_mesh; declared
+with knn.mesh_context around the traced step), the host call is wrapped in
+`shard_map` over it (knn.per_device_rows): each device calls the host with
+only its own rows, plus their global row indices, and each process keeps
+searchers for its own rows only. Inside a caller's own `shard_map` (all mesh
+axes manual) the call is already per device; the global row index is then
+(linear device index over the manual axes) * local rows + i, i.e. the batch
+is assumed split over the manual axes in mesh order.
 
 Searcher policy per (row, head), with c = keys in the row:
   c < tree_min_size:  one brute-force (exact) searcher, index == slot, grown
@@ -138,13 +139,11 @@ class ScannBackend(knn.KNNBackend):
                    this fraction of the row's keys (at most 0.5).
     training_iterations: 10 (k-means iterations per build).
     num_threads: None (os.cpu_count()); threads that run the searchers.
-    shard_rows:  "auto"; with several devices, one host call per device with
-                 its own rows (shard_map over all devices, axis `row_axis`)
-                 when the batch divides evenly; "off": one call with the
-                 whole batch on one device (single-process only).
-    row_axis:    "data"; the mesh axis name of the rows. It must be the name
-                 the caller's jit shardings use (memorizing.train.make_mesh),
-                 since one program may hold only one mesh.
+    shard_rows:  "auto"; with a declared mesh (see Sharding above), one host
+                 call per device with its own rows when the batch divides
+                 evenly; "off": one call with the whole batch on one device
+                 (single-process only).
+    row_axis:    "data"; the mesh axis name of the rows.
   Timings of the last host call are in `self.last_timing` (seconds).
   """
   name = "scann"
@@ -413,34 +412,7 @@ class ScannBackend(knn.KNNBackend):
                     jax.ShapeDtypeStruct((b, h, q, k), jnp.bool_))
       return jax.pure_callback(host, out_shapes, rows, *local, vmap_method="sequential")
 
-    b = queries.shape[0]
-    get_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
-    abstract = get_mesh() if get_mesh else None
-    manual = tuple(getattr(abstract, "manual_axes", ()) or ())
-    if manual:
-      # Already per device (the caller's shard_map): this device's global row offset.
-      dev = 0
-      for name in abstract.axis_names:
-        if name in manual:
-          dev = dev * abstract.shape[name] + jax.lax.axis_index(name)
-      return call(dev * b, *args)
-    ndev = jax.device_count()
-    if self.shard_rows == "off" or ndev == 1 or b % ndev:
-      return call(0, *args)
-    # One host call per device with its own rows.
-    from jax.sharding import Mesh, PartitionSpec as P
-    try:
-      from jax import shard_map
-    except ImportError:                           # jax < 0.7
-      from jax.experimental.shard_map import shard_map
-    mesh = Mesh(np.asarray(jax.devices()), (self.row_axis,))
-    spec = P(self.row_axis)
-
-    def local(*xs):
-      return call(jax.lax.axis_index(self.row_axis) * (b // ndev), *xs)
-
-    return shard_map(local, mesh=mesh, in_specs=(spec,) * len(args),
-                     out_specs=(spec, spec))(*args)
+    return knn.per_device_rows(call, args, 2, self.row_axis, self.shard_rows == "auto")
 
   def sync(self, layer: int, train: bool, memory: MemoryState) -> None:
     """Rebuilds the (layer, mode) searchers of this process's rows from the device
