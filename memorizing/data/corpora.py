@@ -304,53 +304,48 @@ class Synthetic(_LocalCorpus):
 
 
 # --- synthetic_recall -------------------------------------------------------------
-RECALL_NAMES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-RECALL_VALUES = b"abcdefghijklmnopqrstuvwxyz"
+RECALL_LETTERS = b"abcdefghijklmnopqrstuvwxyz"
 RECALL_FILLER_LINE = b"~" * 31 + b"\n"
 
 
-def recall_document(rng: np.random.Generator, *, num_entries: int = 16, value_length: int = 2,
-                    num_checks: int = 8, filler_bytes: int = 160) -> Tuple[bytes, np.ndarray]:
+def recall_document(rng: np.random.Generator, *, num_letters: int = 16,
+                    filler_lines: int = 4) -> Tuple[bytes, np.ndarray]:
   """One long-range recall document and its recall mask.
 
-  Layout (bytes = byte tokens):
-    definitions  `K=ab\n` for `num_entries` distinct one-letter names K and
-                 random values of `value_length` lowercase letters;
-    checks       `num_checks` of the definitions again, in a random order, right
-                 away (a short-range copy that teaches the copying mechanism,
-                 which the memory layer shares with its local attention);
-    filler       `filler_bytes` bytes of a constant line (nothing to recall);
-    queries      every definition once more, in a random order.
-  A value byte of a query line is predictable only from the definitions and
-  checks, at least `filler_bytes` + 1 tokens back (see `recall_distances`):
-  beyond a window of segment + XL cache when filler_bytes >= 2 x segment,
-  within a memory that holds the whole document.
+  Lines (bytes = byte tokens):
+    `=` passage   `num_letters` distinct random letters, each in a random case:
+                  the token sequence to remember (one bit per letter: its case);
+    `?` check     every passage letter once, in a random order, as a pair: the
+                  letter in lowercase (the name), then as written in the passage
+                  (the value), e.g. `dD` or `kk`; a short-range copy that teaches
+                  the lookup (attend to the same letter in either case, copy it),
+                  which the memory layer shares with its local attention;
+    filler        `filler_lines` lines of `~` (nothing to recall);
+    `?` recall    the pairs again, in another random order: the values are the
+                  recalled tokens.
+  A value's case is predictable only from the passage and the check line, at
+  least `filler_lines` x 32 + 4 tokens back (see `recall_distances`): beyond a
+  window of segment + XL cache when that is more than 2 x segment, within a
+  memory that holds the whole document. Without them the letter is known (it is
+  the name) and the case is a coin flip: chance is 1/2.
 
-  Returns (text, mask): mask[i] is True where byte i is a recalled value byte
-  (in the query section). Target j of a segment predicts byte offset + j + 1.
+  Returns (text, mask): mask[i] is True where byte i is a recalled value.
+  Target j of a segment predicts byte offset + j + 1.
   """
-  if not 1 <= num_entries <= len(RECALL_NAMES):
-    raise ValueError(f"num_entries must be in [1, {len(RECALL_NAMES)}], got {num_entries}")
-  if not 0 <= num_checks <= num_entries:
-    raise ValueError(f"num_checks must be in [0, num_entries], got {num_checks}")
-  names = rng.choice(len(RECALL_NAMES), num_entries, replace=False)
-  values = rng.integers(len(RECALL_VALUES), size=(num_entries, value_length))
-  line = lambda i: (bytes([RECALL_NAMES[names[i]]]) + b"="
-                    + bytes(RECALL_VALUES[v] for v in values[i]) + b"\n")
-  definitions = b"".join(line(i) for i in range(num_entries))
-  checks = b"".join(line(i) for i in rng.permutation(num_entries)[:num_checks])
-  reps = -(-filler_bytes // len(RECALL_FILLER_LINE))
-  filler = (RECALL_FILLER_LINE * reps)[:filler_bytes]
-  if filler and not filler.endswith(b"\n"):
-    filler = filler[:-1] + b"\n"
-  head = definitions + checks + filler
-  queries = [line(i) for i in rng.permutation(num_entries)]
-  text = head + b"".join(queries)
+  if not 1 <= num_letters <= len(RECALL_LETTERS):
+    raise ValueError(f"num_letters must be in [1, {len(RECALL_LETTERS)}], got {num_letters}")
+  if filler_lines < 0:
+    raise ValueError(f"filler_lines must be >= 0, got {filler_lines}")
+  letters = rng.choice(len(RECALL_LETTERS), num_letters, replace=False)
+  upper = rng.integers(2, size=num_letters).astype(bool)
+  value = lambda i: bytes([RECALL_LETTERS[letters[i]] - 32 * int(upper[i])])
+  pairs = lambda: b"".join(bytes([RECALL_LETTERS[letters[i]]]) + value(i)
+                           for i in rng.permutation(num_letters))
+  head = (b"=" + b"".join(value(i) for i in range(num_letters)) + b"\n"
+          + b"?" + pairs() + b"\n" + RECALL_FILLER_LINE * filler_lines + b"?")
+  text = head + pairs() + b"\n"
   mask = np.zeros(len(text), bool)
-  pos = len(head)
-  for q in queries:
-    mask[pos + 2:pos + 2 + value_length] = True   # after "K="
-    pos += len(q)
+  mask[len(head) + 1:len(text) - 1:2] = True
   return text, mask
 
 
@@ -361,46 +356,52 @@ def recall_documents(num_documents: int = 1024, seed: int = 0, **kwargs) -> List
           for d in range(num_documents)]
 
 
-def recall_mask(text: bytes, value_length: int = 2) -> np.ndarray:
+def recall_mask(text: bytes) -> np.ndarray:
   """The recall mask of a document made by `recall_document` (read back from its
-  text: the value bytes of the lines after the filler)."""
+  text: every second byte of its last line, the values of the recall pairs)."""
   mask = np.zeros(len(text), bool)
-  end_of_filler = text.rfind(RECALL_FILLER_LINE[-2:])  # the filler's last "~\n"
-  pos = end_of_filler + 2 if end_of_filler >= 0 else 0
-  while pos < len(text):
-    nl = text.index(b"\n", pos)
-    mask[pos + 2:min(pos + 2 + value_length, nl)] = True
-    pos = nl + 1
+  start = text.rfind(b"\n", 0, len(text) - 1) + 1
+  if text[start:start + 1] == b"?" and text.endswith(b"\n"):
+    mask[start + 2:len(text) - 1:2] = True
   return mask
 
 
-def recall_distances(text: bytes, value_length: int = 2) -> np.ndarray:
+def recall_distances(text: bytes) -> np.ndarray:
   """For each recalled byte (recall_mask order): how many tokens back the nearest
-  earlier occurrence of the same name's line holds the same byte."""
-  mask = recall_mask(text, value_length)
+  earlier value of its letter is (in the passage or the check line; names, the
+  lowercase first byte of each pair, show no case and do not count)."""
+  is_value = np.zeros(len(text), bool)
+  start = 0
+  for line in text.split(b"\n")[:-1]:
+    if line[:1] == b"=":
+      is_value[start + 1:start + len(line)] = True
+    elif line[:1] == b"?":
+      is_value[start + 2:start + len(line):2] = True
+    start += len(line) + 1
   out = []
-  for pos in np.flatnonzero(mask):
-    line_start = text.rindex(b"\n", 0, pos) + 1
-    line = text[line_start:text.index(b"\n", pos) + 1]
-    prev = text.rfind(b"\n" + line, 0, line_start - 1)
-    source = (prev + 1 if prev >= 0 else 0) + (pos - line_start)
-    assert text[source] == text[pos] and text.startswith(line, source - (pos - line_start))
+  for pos in np.flatnonzero(recall_mask(text)):
+    letter = text[pos:pos + 1].lower()
+    source = max(q for q in range(pos) if is_value[q] and text[q:q + 1].lower() == letter)
+    assert text[source] == text[pos]
     out.append(pos - source)
   return np.asarray(out)
 
 
 class SyntheticRecall(_LocalCorpus):
-  """Long-range recall: 1024 generated documents of 360 bytes that define 16
-  one-letter names with two-letter values, repeat 8 of them at once, then hold
-  160 bytes of filler, then ask for every value again in a random order.
-  Recalling a value needs a context of 165-355 tokens: more than a 64-token
-  segment plus its 64-token XL cache, less than a 512-slot memory.
-  Deterministic (seed 0); train/validation by path hash."""
+  """Long-range recall: 1024 generated documents of 214 bytes. A passage of 16
+  distinct letters in random cases (`=ehGaZoqujbydlrSN`), then each letter as a
+  pair of its lowercase name and its value as written (`?sSgGll...`), then 4
+  filler lines, then the pairs again in another order: each value's case must
+  be recalled from 132-211 tokens back: more than a 64-token segment plus its
+  64-token XL cache, less than a 512-slot memory. Chance is 1/2 per value.
+  Deterministic (seed 0); train/validation by path hash. docs/synthetic_recall.md."""
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"1.0.0": "Names and two-letter values (not learnable by the tiny model).",
+                   "2.0.0": "Case recall: a letter's case, 132-211 tokens back."}
   validation_fraction = 0.05
 
   def _metadata(self):
-    return {"num_entries": 16, "value_length": 2, "num_checks": 8, "filler_bytes": 160,
-            "seed": 0}
+    return {"format": "case recall", "num_letters": 16, "filler_lines": 4, "seed": 0}
 
   def documents(self) -> List[Document]:
     return recall_documents()
