@@ -122,7 +122,7 @@ def test_recall_corpus_builds_offline_and_a_memory_model_takes_a_step(tmp_path):
 
 
 # --- slow: train both models ----------------------------------------------------------
-STEPS = 3500   # about 4 + 3 minutes of training on 2 CPU cores (docs/synthetic_recall.md)
+STEPS = 3500   # 5-7 minutes of training per model on 2 CPU cores (docs/synthetic_recall.md)
 
 
 @pytest.mark.slow
