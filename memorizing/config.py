@@ -38,13 +38,10 @@ class ModelConfig:
   use_xl_cache: bool = True
   relative_position_buckets: int = 32
   relative_position_max_distance: int = 128
-  # The position bias is `relative_position_multiplier * table`, the table
-  # initialised at std 0.02 / multiplier: the same start, but the optimizer
-  # moves the bias `multiplier` times faster. With L2-normalised q and k the
-  # content logits are bounded, so locality has to come from this bias; at 1
-  # (plain T5) it is learned so slowly that a model with the XL cache (twice
-  # the keys) trains worse than one without it (docs/results.md).
-  relative_position_multiplier: float = 100.0
+  # The T5 bias table starts at std 0.02. With L2-normalised q and k the content
+  # logits are bounded, so locality has to come from this bias, which must be
+  # learned faster than the other weights: TrainConfig.learning_rate_multipliers
+  # (docs/results.md).
   tie_embeddings: bool = True
   # Local attention kernel: "auto" (cuDNN flash attention on GPU in bf16/fp16, else
   # einsum; $MEMORIZING_ATTENTION overrides auto), "einsum", "remat", "cudnn", "xla".
@@ -60,6 +57,14 @@ class ModelConfig:
   # to a trained model (--init_from), a negative value (e.g. -3: g = 0.05) starts
   # the fine-tune from the trained model's own function.
   memory_gate_init: float = 0.0
+  # How local and memory attention combine in a memory layer:
+  #   "gate":  out = g * memory + (1 - g) * local, g = sigmoid(b_h) per head (the paper);
+  #   "joint": one softmax over the local keys and the retrieved keys, the retrieved
+  #            logits plus a learned per-head bias `memory_bias` (init memory_bias_init):
+  #            each query decides how much goes to memory; with an empty memory the
+  #            layer is exactly local attention (docs/results.md).
+  memory_combine: str = "gate"
+  memory_bias_init: float = 0.0
   knn_backend: str = "exact"
   knn_options: Tuple[Tuple[str, Any], ...] = ()
 
@@ -80,9 +85,9 @@ class ModelConfig:
       raise ConfigError(
           f"ModelConfig.num_heads={self.num_heads} does not divide "
           f"ModelConfig.d_model={self.d_model}")
-    if not self.relative_position_multiplier > 0:
-      raise ConfigError("ModelConfig.relative_position_multiplier must be > 0, got "
-                        f"{self.relative_position_multiplier}")
+    if self.memory_combine not in ("gate", "joint"):
+      raise ConfigError(f"ModelConfig.memory_combine={self.memory_combine!r}; choose one of "
+                        "gate, joint")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f"ModelConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
     for name in ("dtype", "param_dtype"):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memorizing import signals
 from memorizing.config import ModelConfig
 from memorizing.decoder import Decoder, init_carried_state
 
@@ -28,10 +29,13 @@ def bucket_names(edges=POSITION_BUCKETS):
   return names
 
 
-def eval_step(params, carried, batch, positions, *, model_config: ModelConfig):
-  """-> carried, per-bucket [nll_sum, count] [num_buckets, 2] for one segment."""
-  logits, carried = Decoder(model_config).apply(
-      {"params": params}, batch["tokens"], carried, batch["start_of_document"])
+def eval_step(params, carried, batch, positions, *, model_config: ModelConfig,
+              memory_signals: bool = False):
+  """-> carried, per-bucket [nll_sum, count] [num_buckets, 2] for one segment,
+  and the memory signal sums ({} unless `memory_signals`)."""
+  (logits, carried), variables = Decoder(model_config).apply(
+      {"params": params}, batch["tokens"], carried, batch["start_of_document"],
+      mutable=["signals"] if memory_signals else [])
   logp = jax.nn.log_softmax(logits)
   nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
   w = batch["weights"]
@@ -39,17 +43,19 @@ def eval_step(params, carried, batch, positions, *, model_config: ModelConfig):
   bucket = jnp.sum(positions[..., None] >= edges, axis=-1) - 1          # [B, L]
   onehot = jax.nn.one_hot(bucket, len(POSITION_BUCKETS)) * w[..., None]  # [B, L, nb]
   sums = jnp.stack([jnp.einsum("bl,bln->n", nll, onehot), onehot.sum((0, 1))], axis=-1)
-  return carried, sums
+  return carried, sums, signals.collect(variables)
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_eval_step(model_config: ModelConfig):
+def _jitted_eval_step(model_config: ModelConfig, memory_signals: bool):
   """One jitted eval_step per model config, so repeated evaluations compile once."""
-  return jax.jit(functools.partial(eval_step, model_config=model_config))
+  return jax.jit(functools.partial(eval_step, model_config=model_config,
+                                   memory_signals=memory_signals))
 
 
 def evaluate(model_config: ModelConfig, params, stream, tokenizer,
-             max_segments: Optional[int] = None, progress: bool = False) -> Dict[str, float]:
+             max_segments: Optional[int] = None, progress: bool = False,
+             memory_signals: bool = True) -> Dict[str, float]:
   """Streams `stream` (repeat=False) to its end; returns perplexity and friends.
 
   bits_per_byte divides the total nats by ln 2 and by the UTF-8 bytes of the
@@ -58,7 +64,10 @@ def evaluate(model_config: ModelConfig, params, stream, tokenizer,
   """
   batch_rows = stream.rows
   carried = init_carried_state(model_config, batch_rows)
-  step = _jitted_eval_step(model_config)
+  memory_signals = bool(memory_signals and model_config.memory_layers
+                        and model_config.memory_enabled)
+  step = _jitted_eval_step(model_config, memory_signals)
+  signal_sums = None
   offset = np.zeros((batch_rows,), np.int64)
   totals = np.zeros((len(POSITION_BUCKETS), 2), np.float64)
   documents, segments = 0, 0
@@ -68,8 +77,10 @@ def evaluate(model_config: ModelConfig, params, stream, tokenizer,
     offset = np.where(start, 0, offset)
     # Target j of the segment predicts document token offset + j + 1.
     positions = offset[:, None] + np.arange(length)[None, :] + 1
-    carried, sums = step(params, carried, batch, positions)
+    carried, sums, sig = step(params, carried, batch, positions)
     totals += np.asarray(sums, np.float64)
+    if sig:
+      signal_sums = signals.add(signal_sums, jax.device_get(sig))
     documents += int(np.sum(start & (batch["weights"].sum(1) > 0)))
     offset = offset + length
     segments += 1
@@ -89,6 +100,8 @@ def evaluate(model_config: ModelConfig, params, stream, tokenizer,
             "tokens": int(count), "documents": documents, "segments": segments,
             "memory_enabled": bool(model_config.memory_enabled),
             "memory_size": model_config.memory_size if model_config.memory_layers else 0}
+  if signal_sums is not None:
+    result["memory"] = signals.summarize(signal_sums)
   for name, (b_nll, b_count) in zip(bucket_names(), totals):
     result[f"perplexity_{name}"] = math.exp(b_nll / b_count) if b_count else float("nan")
     result[f"tokens_{name}"] = int(b_count)

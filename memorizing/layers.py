@@ -5,6 +5,7 @@ else 0), K = C + L keys, H heads, D head_dim, M d_model.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -88,9 +89,9 @@ def relative_position_bucket(distance: jax.Array, num_buckets: int, max_distance
 class RelativePositionBias(nn.Module):
   """Learned bias per (bucket, head), shared by all layers as in T5.
 
-  The bias is `relative_position_multiplier * table` with the table initialised
-  at std 0.02 / multiplier: a learning-rate multiplier for the bias that works
-  with any optimizer (see ModelConfig.relative_position_multiplier).
+  The table starts at std 0.02; the optimizer learns it faster than the other
+  weights through TrainConfig.learning_rate_multipliers (parameter name
+  `relative_position_bias`).
   """
   config: ModelConfig
 
@@ -98,10 +99,9 @@ class RelativePositionBias(nn.Module):
   def __call__(self, num_queries: int, num_keys: int) -> jax.Array:
     """Returns [H, Q, K] for queries at the last Q of K consecutive positions."""
     cfg = self.config
-    m = cfg.relative_position_multiplier
-    table = self.param("rel_embedding", nn.initializers.normal(0.02 / m),
+    table = self.param("rel_embedding", nn.initializers.normal(0.02),
                        (cfg.relative_position_buckets, cfg.num_heads), cfg.params_dtype)
-    table = table.astype(jnp.float32) * m
+    table = table.astype(jnp.float32)
     q_pos = jnp.arange(num_queries) + (num_keys - num_queries)
     k_pos = jnp.arange(num_keys)
     buckets = relative_position_bucket(q_pos[:, None] - k_pos[None, :],
@@ -129,17 +129,22 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-def local_attention(q, k, v, scale, bias, mask):
+def local_attention(q, k, v, scale, bias, mask, return_lse=False):
   """Softmax attention over the local window.
 
   q [B,H,L,D], k/v [B,H,K,D], scale [H], bias [H,L,K], mask [B,1|H,L,K] bool.
-  Returns [B,H,L,D] in q's dtype; logits and softmax in float32.
+  Returns [B,H,L,D] in q's dtype; logits and softmax in float32. With
+  `return_lse`, also the log-sum-exp of the logits [B,H,L] float32, which lets
+  a caller merge this softmax with another one (memory_attention, "joint").
   """
   logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
   logits = logits * scale[None, :, None, None] + bias[None]
   logits = jnp.where(mask, logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1)
-  return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+  out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+  if return_lse:
+    return out, jax.nn.logsumexp(logits, axis=-1)
+  return out
 
 
 def local_window(q_len: int, cache_valid: jax.Array | None) -> jax.Array:
@@ -153,14 +158,18 @@ def local_window(q_len: int, cache_valid: jax.Array | None) -> jax.Array:
 
 
 def xl_attention(q, k, v, scale, bias, cache_k=None, cache_v=None, cache_valid=None,
-                 impl=None):
+                 impl=None, return_lse=False):
   """Local attention of a segment over [XL cache | segment], causal in the segment.
 
   q, k, v [B,H,L,D]; cache_k, cache_v [B,H,C,D] or None; cache_valid [B] bool;
   scale [H]; bias [H,L,C+L] (columns in [cache | segment] order). Returns
-  [B,H,L,D] in q's dtype. `impl` overrides `attention_implementation()`.
+  [B,H,L,D] in q's dtype (and the logits' log-sum-exp [B,H,L] with
+  `return_lse`, which the fused kernels do not give: then einsum or remat runs).
+  `impl` overrides `attention_implementation()`.
   """
   impl = impl or attention_implementation(q.dtype)
+  if return_lse and impl not in ("einsum", "remat"):
+    impl = "einsum"
   length = q.shape[2]
   if impl in ("cudnn", "xla"):
     return _fused_xl_attention(q, k, v, scale, bias, cache_k, cache_v, cache_valid, impl)
@@ -170,7 +179,8 @@ def xl_attention(q, k, v, scale, bias, cache_k=None, cache_v=None, cache_valid=N
     mask = local_window(length, cache_valid)
   else:
     keys, values, mask = k, v, local_window(length, None)
-  fn = jax.checkpoint(local_attention) if impl == "remat" else local_attention
+  fn = functools.partial(local_attention, return_lse=return_lse)
+  fn = jax.checkpoint(fn) if impl == "remat" else fn
   return fn(q, keys, values, scale, bias, mask)
 
 

@@ -4,12 +4,21 @@ Per segment, a memory layer (DESIGN.md section 2):
   1) resets the memory rows whose document starts now;
   2) retrieves the top-k stored keys for every query (L2-normalised dot product;
      the retrieval query carries no gradient);
-  3) attends over them with its own softmax (no position bias); a query with no
-     valid neighbour gets a zero memory term;
-  4) mixes: out = g * memory + (1 - g) * local, g = sigmoid(b_h), b_h init 0;
+  3) attends over them (no position bias); a query with no valid neighbour gets
+     nothing from memory;
+  4) combines with local attention (ModelConfig.memory_combine):
+     "gate":  memory attention has its own softmax and
+              out = g * memory + (1 - g) * local, g = sigmoid(b_h), b_h init 0
+              (the paper);
+     "joint": the retrieved logits (plus a learned per-head bias) join the local
+              logits in one softmax, so the share of memory is decided per query
+              and an empty memory leaves local attention untouched;
   5) appends the segment's keys and values (stop-gradient) to the memory.
 The same q/k/v projections serve local and memory attention, so adding memory
-to a trained model adds only the gate.
+to a trained model adds only the gate (or the memory bias).
+
+When the caller makes the "signals" collection mutable, each memory layer sows
+its memory signals there (memorizing/signals.py).
 """
 from __future__ import annotations
 
@@ -21,29 +30,53 @@ import jax.numpy as jnp
 
 from memorizing import knn
 from memorizing import memory as memory_lib
+from memorizing import signals as signals_lib
 from memorizing.config import ModelConfig
 from memorizing.layers import NEG_INF, XLCache, l2_normalize, xl_attention
+
+
+def retrieve(q: jax.Array, mem: memory_lib.MemoryState, backend: knn.KNNBackend, k: int,
+             context: knn.SearchContext):
+  """Top-k stored pairs of each query: idx, valid [B,H,L,k]; keys, values [B,H,L,k,D]
+  (stop-gradient). q [B,H,L,D] normalised."""
+  b, h, length, _ = q.shape
+  idx, valid = backend.search(jax.lax.stop_gradient(q), mem, k, context)
+  assert idx.shape == (b, h, length, k), (idx.shape, (b, h, length, k))
+  keys = jax.lax.stop_gradient(knn.gather(mem.keys, idx))      # [B,H,L,k,D]
+  values = jax.lax.stop_gradient(knn.gather(mem.values, idx))  # [B,H,L,k,D]
+  return idx, valid, keys, values
+
+
+def attend_retrieved(q, keys, values, valid, scale, bias=None):
+  """Softmax over the retrieved pairs of each query.
+
+  q [B,H,L,D], keys/values [B,H,L,k,D], valid [B,H,L,k], scale [H], bias [H]
+  or None (added to every retrieved logit). Returns (out [B,H,L,D], zero where
+  no neighbour is valid; probs [B,H,L,k] float32; log-sum-exp [B,H,L] float32,
+  NEG_INF where no neighbour is valid).
+  """
+  logits = jnp.einsum("bhqd,bhqkd->bhqk", q, keys.astype(q.dtype),
+                      preferred_element_type=jnp.float32)
+  logits = logits * scale[None, :, None, None]
+  if bias is not None:
+    logits = logits + bias[None, :, None, None]
+  logits = jnp.where(valid, logits, NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1) * valid
+  lse = jnp.where(jnp.any(valid, axis=-1), jax.nn.logsumexp(logits, axis=-1), NEG_INF)
+  out = jnp.einsum("bhqk,bhqkd->bhqd", probs.astype(q.dtype), values.astype(q.dtype))
+  return out, probs, lse
 
 
 def memory_attention(q: jax.Array, mem: memory_lib.MemoryState, scale: jax.Array,
                      backend: knn.KNNBackend, k: int,
                      context: knn.SearchContext) -> jax.Array:
-  """Attention over the k nearest stored pairs of each query.
+  """Attention over the k nearest stored pairs of each query (own softmax).
 
   q [B,H,L,D] (normalised), scale [H]. Returns [B,H,L,D]; zero for queries
   whose neighbours are all invalid (empty memory).
   """
-  b, h, length, d = q.shape
-  idx, valid = backend.search(jax.lax.stop_gradient(q), mem, k, context)
-  assert idx.shape == (b, h, length, k), (idx.shape, (b, h, length, k))
-  keys = jax.lax.stop_gradient(knn.gather(mem.keys, idx))      # [B,H,L,k,D]
-  values = jax.lax.stop_gradient(knn.gather(mem.values, idx))  # [B,H,L,k,D]
-  logits = jnp.einsum("bhqd,bhqkd->bhqk", q, keys.astype(q.dtype),
-                      preferred_element_type=jnp.float32)
-  logits = jnp.where(valid, logits * scale[None, :, None, None], NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1) * valid
-  out = jnp.einsum("bhqk,bhqkd->bhqd", probs.astype(q.dtype), values.astype(q.dtype))
-  return out
+  _, valid, keys, values = retrieve(q, mem, backend, k, context)
+  return attend_retrieved(q, keys, values, valid, scale)[0]
 
 
 class Attention(nn.Module):
@@ -75,34 +108,60 @@ class Attention(nn.Module):
 
     # Local attention over [previous segment | current segment].
     impl = None if cfg.attention == "auto" else cfg.attention
+    joint = self.has_memory and cfg.memory_enabled and cfg.memory_combine == "joint"
     if xl is not None:
       cache_valid = xl.valid & ~start
       assert bias.shape == (cfg.num_heads, length, xl.keys.shape[2] + length), bias.shape
-      out = xl_attention(q, k, v, scale, bias, xl.keys, xl.values, cache_valid, impl=impl)
+      out = xl_attention(q, k, v, scale, bias, xl.keys, xl.values, cache_valid, impl=impl,
+                         return_lse=joint)
       new_xl = XLCache(keys=jax.lax.stop_gradient(k).astype(xl.keys.dtype),
                        values=jax.lax.stop_gradient(v).astype(xl.values.dtype),
                        valid=jnp.ones_like(xl.valid))
     else:
       assert bias.shape == (cfg.num_heads, length, length), bias.shape
-      out = xl_attention(q, k, v, scale, bias, impl=impl)
+      out = xl_attention(q, k, v, scale, bias, impl=impl, return_lse=joint)
       new_xl = None
 
     new_mem = mem
     if self.has_memory:
-      gate = jax.nn.sigmoid(self.param("memory_gate", nn.initializers.constant(cfg.memory_gate_init),
-                                       (cfg.num_heads,), jnp.float32))
+      if cfg.memory_combine == "gate":
+        gate = jax.nn.sigmoid(self.param("memory_gate", nn.initializers.constant(cfg.memory_gate_init),
+                                         (cfg.num_heads,), jnp.float32))
+        mem_bias, reported, reported_name = None, gate, "gate"
+      else:
+        mem_bias = self.param("memory_bias", nn.initializers.constant(cfg.memory_bias_init),
+                              (cfg.num_heads,), jnp.float32)
+        reported, reported_name = mem_bias, "memory_bias"
       mem = memory_lib.reset(mem, start)
+      new_mem = mem
       if cfg.memory_enabled:
         backend = knn.get_backend(cfg.knn_backend, cfg.knn_options)
         context = knn.SearchContext(layer=self.layer, train=train, reset=start,
                                     new_keys=jax.lax.stop_gradient(k))
-        mem_out = memory_attention(q, mem, scale, backend, cfg.num_neighbors, context)
+        idx, valid, mem_k, mem_v = retrieve(q, mem, backend, cfg.num_neighbors, context)
+        mem_out, probs, mem_lse = attend_retrieved(q, mem_k, mem_v, valid, scale, mem_bias)
+        if joint:
+          local_out, local_lse = out
+          mass = jax.nn.sigmoid(mem_lse - local_lse)                   # [B,H,L]
+          w = mass[..., None]
+          out = (w * mem_out.astype(jnp.float32)
+                 + (1.0 - w) * local_out.astype(jnp.float32)).astype(local_out.dtype)
+        else:
+          has_any = jnp.any(valid, axis=-1).astype(jnp.float32)        # [B,H,L]
+          mass = gate[None, :, None] * has_any
+          g = gate[None, :, None, None]
+          out = (g * mem_out.astype(jnp.float32) + (1.0 - g) * out.astype(jnp.float32)).astype(out.dtype)
+        if self.is_mutable_collection("signals"):
+          self.sow("signals", "memory", signals_lib.layer_signals(
+              q=q, keys=mem_k, valid=valid, idx=idx, mem=mem, mem_probs=probs * mass[..., None],
+              mass=mass, gate=reported, segment_length=cfg.segment_length,
+              use_xl_cache=cfg.use_xl_cache, recall_k=cfg.num_neighbors,
+              gate_name=reported_name))
         new_mem = memory_lib.append(mem, k, v)
-      else:
-        mem_out = jnp.zeros_like(out)
-        new_mem = mem
-      g = gate[None, :, None, None]
-      out = (g * mem_out.astype(jnp.float32) + (1.0 - g) * out.astype(jnp.float32)).astype(out.dtype)
+      elif cfg.memory_combine == "gate":
+        # Memory disabled: the memory term is zero, local attention keeps (1 - g).
+        g = gate[None, :, None, None]
+        out = ((1.0 - g) * out.astype(jnp.float32)).astype(out.dtype)
 
     out = jnp.transpose(out, (0, 2, 1, 3))                         # [B,L,H,D]
     out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), dtype=cfg.compute_dtype,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -11,10 +12,13 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from memorizing import signals
 
-def summarize(pending: List[Dict[str, Any]], bytes_per_token: float) -> Dict[str, float]:
-  """Sums of per-step metrics -> means, divided once."""
-  total = {k: float(np.sum([m[k] for m in pending])) for k in pending[0]}
+
+def summarize(pending: List[Dict[str, Any]], bytes_per_token: float) -> Dict[str, Any]:
+  """Sums of per-step metrics -> means, divided once. Memory signals (per layer
+  and head) go under "memory" (signals.summarize)."""
+  total = {k: float(np.sum([m[k] for m in pending])) for k in pending[0] if k != "signals"}
   weight = max(total["weight_sum"], 1.0)
   loss = total["loss_sum"] / weight
   steps = total["steps"]
@@ -22,7 +26,9 @@ def summarize(pending: List[Dict[str, Any]], bytes_per_token: float) -> Dict[str
           "bits_per_byte": loss / math.log(2) / bytes_per_token,
           "grad_norm": total["grad_norm_sum"] / steps, "steps": int(steps),
           "target_tokens": int(total["weight_sum"]), "nonfinite_steps": int(total["nonfinite"]),
-          "memory_fill": total["memory_fill_sum"] / steps}
+          "memory_fill": total["memory_fill_sum"] / steps,
+          **({"memory": signals.summarize(functools.reduce(signals.add, [m["signals"] for m in pending]))}
+             if "signals" in pending[0] else {})}
 
 
 def memory_fill(carried):
@@ -64,6 +70,9 @@ class MetricsLogger:
     self._jsonl.write(json.dumps(record, default=float) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
+      values = dict(values)
+      if isinstance(values.get("memory"), dict):
+        values.update(signals.flat_scalars(values.pop("memory")))
       for k, v in values.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
           self._tb.add_scalar(f"{kind}/{k}", v, step)

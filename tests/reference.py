@@ -36,7 +36,6 @@ def forward(params, config, tokens, allowed):
   p = {k: v for k, v in params.items()}
   t = len(tokens)
   rel = np.asarray(p["relative_position_bias"]["rel_embedding"], np.float64)
-  rel = rel * config.relative_position_multiplier
   bias = np.zeros((config.num_heads, t, t))
   for i in range(t):
     for j in range(t):
