@@ -375,4 +375,6 @@ class LinuxC(_DebianCorpus):
     self.info.metadata["kernel_source"] = os.path.basename(src)
     found = self._tree_files(src) if os.path.isdir(src) else self._tar_files(src)
     order = {r: i for i, r in enumerate(self.roots)}
-    return sorted(found, key=lambda f: (order[f[0].split("/", 1)[0]], f[0]))
+    # Roots in the listed order; in each, directories in sorted order, then files.
+    return sorted(found, key=lambda f: (order[f[0].split("/", 1)[0]], f[0].rsplit("/", 1)[0],
+                                        f[0]))
