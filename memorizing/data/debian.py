@@ -33,8 +33,6 @@ import subprocess
 import tarfile
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-import tensorflow_datasets as tfds
-
 from memorizing.data.corpora import Document, _LocalCorpus
 from memorizing.data.official import SourceUnavailableError
 
