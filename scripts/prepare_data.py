@@ -2,6 +2,9 @@
 
   python scripts/prepare_data.py python_stdlib --data_dir ~/tensorflow_datasets
   python scripts/prepare_data.py text_files --data_dir DIR --source 'my_corpus/**/*.txt'
+  python scripts/prepare_data.py linux_c --data_dir DIR        # apt-get download; or --source PATH
+  python scripts/prepare_data.py coq_stdlib --data_dir DIR     # (the .deb, or the directory it
+  python scripts/prepare_data.py perl_doc --data_dir DIR       #  was extracted into with dpkg -x)
   python scripts/prepare_data.py pg19 --data_dir DIR            # network + pip install -e '.[prepare]'
   python scripts/prepare_data.py arxiv --data_dir DIR           # network
   python scripts/prepare_data.py c4_4k --data_dir DIR --c4_json 'c4/en/c4-{split}.*.json.gz' \
@@ -23,7 +26,12 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("name", help=f"one of: {', '.join(registry.DATASETS)}")
   p.add_argument("--data_dir", default=registry.default_data_dir())
-  p.add_argument("--source", help="text_files: a directory or a glob of text files")
+  p.add_argument("--source", help="text_files: a directory or a glob of text files; "
+                 "linux_c, coq_stdlib, perl_doc: the package's .deb or a directory it was "
+                 "extracted into (linux_c also: the kernel tarball or tree); default: "
+                 "apt-get download")
+  p.add_argument("--download_dir", help="linux_c, coq_stdlib, perl_doc: where apt-get "
+                 "downloads and dpkg -x extracts the package (default DATA_DIR/downloads/debian)")
   p.add_argument("--min_bytes", type=int, default=0, help="text_files: drop shorter files")
   p.add_argument("--validation_fraction", type=float, default=0.05, help="text_files")
   p.add_argument("--tokenizer", default="bytes",
@@ -40,6 +48,8 @@ def main(argv=None):
   if args.name == "text_files":
     options = dict(source=args.source, min_bytes=args.min_bytes,
                    validation_fraction=args.validation_fraction)
+  elif args.name in ("linux_c", "coq_stdlib", "perl_doc"):
+    options = dict(source=args.source, download_dir=args.download_dir)
   elif args.name == "c4_4k":
     options = dict(tokenizer=args.tokenizer, min_tokens=args.min_tokens,
                    source_data_dir=args.source_data_dir)

@@ -44,19 +44,29 @@ def path_hash(path: str) -> float:
   return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def split_by_hash(paths: Sequence[str], validation_fraction: float) -> Dict[str, List[int]]:
+def split_by_hash(paths: Sequence[str], validation_fraction: float,
+                  min_validation: int = 1) -> Dict[str, List[int]]:
   """Indices of `paths` per split: {"train": [...], "validation": [...]}.
 
   A path goes to validation when path_hash(path) < validation_fraction. When
   that selects none (or all), the path with the smallest hash goes to
-  validation, so both splits exist. Equal paths share a split; needs at least
-  2 distinct paths. Indices keep the input order.
+  validation, so both splits exist. When validation then holds fewer than
+  `min_validation` entries, the paths of the next smallest hashes join it
+  until it does (while train keeps at least one path). Equal paths share a
+  split; needs at least 2 distinct paths. Indices keep the input order.
   """
   hashes = [path_hash(p) for p in paths]
   validation = {i for i, h in enumerate(hashes) if h < validation_fraction}
   if not validation or len(validation) == len(paths):
     # The fraction selects none (or all): the smallest hash goes to validation.
     validation = {i for i, h in enumerate(hashes) if h == min(hashes)}
+  for h in sorted(set(hashes)):
+    if len(validation) >= min_validation:
+      break
+    more = validation | {i for i, x in enumerate(hashes) if x == h}
+    if len(more) == len(paths):
+      break
+    validation = more
   if len(validation) == len(paths):
     raise ValueError(f"need at least 2 distinct documents to make train and validation "
                      f"splits, got {len(paths)}")
@@ -69,6 +79,7 @@ class _LocalCorpus(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First version."}
   validation_fraction = 0.05
+  min_validation = 1  # documents; see split_by_hash
 
   def documents(self) -> List[Document]:
     raise NotImplementedError
@@ -96,7 +107,8 @@ class _LocalCorpus(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # local data only
     docs = self.documents()
-    splits = split_by_hash([self.split_key(p) for p, _ in docs], self.validation_fraction)
+    splits = split_by_hash([self.split_key(p) for p, _ in docs], self.validation_fraction,
+                           self.min_validation)
     lengths = {s: [len(docs[i][1]) for i in idx] for s, idx in splits.items()}
     # Recorded in metadata.json next to the data (lengths in bytes = byte tokens).
     self.info.metadata["num_documents"] = {s: len(v) for s, v in lengths.items()}

@@ -16,7 +16,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import tensorflow_datasets as tfds
 
-from memorizing.data import corpora, official
+from memorizing.data import corpora, debian, official
 
 
 class DatasetError(ValueError):
@@ -55,6 +55,18 @@ DATASETS: Dict[str, DatasetSpec] = {s.name: s for s in [
     DatasetSpec("text_files", "text_files", "text", ("train", "validation"),
                 "local text files, one document per file",
                 builder=corpora.TextFiles, prepare_args=" --source PATH_OR_GLOB"),
+    DatasetSpec("linux_c", "linux_c", "text", ("train", "validation"),
+                "C source of the Linux kernel (Debian linux-source): a directory's .c/.h "
+                "files a document, 30 MB (stands in for the paper's GitHub)",
+                builder=debian.LinuxC),
+    DatasetSpec("coq_stdlib", "coq_stdlib", "text", ("train", "validation"),
+                "formal mathematics: the Coq standard library (Debian libcoq-stdlib), a "
+                "directory's .v files a document (stands in for the paper's Isabelle)",
+                builder=debian.CoqStdlib),
+    DatasetSpec("perl_doc", "perl_doc", "text", ("train", "validation"),
+                "English technical prose: Perl's manual in POD (Debian perl-doc), a long "
+                "page or a run of short ones a document (stands in for arXiv / PG-19)",
+                builder=debian.PerlDoc),
     DatasetSpec("python_stdlib", "python_stdlib", "text", ("train", "validation"),
                 "embedded default: long code documents from the Python standard library",
                 builder=corpora.PythonStdlib, embedded=True),
@@ -108,7 +120,8 @@ def prepare(name: str, data_dir: Optional[str] = None, **options) -> str:
   """Prepare `name` into `data_dir` as ArrayRecord; returns a size summary.
 
   options go to the local builder (e.g. source=, min_bytes= for text_files;
-  tokenizer=, min_tokens=, json_files=, source_data_dir= for c4_4k).
+  tokenizer=, min_tokens=, json_files=, source_data_dir= for c4_4k; source=,
+  download_dir= for the Debian corpora linux_c, coq_stdlib, perl_doc).
   Raises official.SourceUnavailableError when the source cannot be reached.
   """
   spec = get_spec(name)

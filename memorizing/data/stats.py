@@ -59,7 +59,10 @@ def corpus_summary(name: str, lengths_by_split: Dict[str, List[int]],
     lines.append(f"{name}/{split}: {len(lengths):,} documents, "
                  f"{int(sum(lengths)):,} tokens ({tokenizer_name})")
   if every:
+    q1, median, q3 = (int(x) for x in np.percentile(every, [25, 50, 75]))
+    lines.append(f"{name}/all: {len(every):,} documents, {int(sum(every)):,} tokens "
+                 f"({tokenizer_name}); length quartiles {q1:,} / {median:,} / {q3:,}")
     lines.append(f"document length histogram, tokens ({tokenizer_name}), median "
-                 f"{int(np.median(every)):,}:")
+                 f"{median:,}:")
     lines.append(format_histogram(length_histogram(every)))
   return "\n".join(lines)
