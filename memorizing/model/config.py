@@ -1,18 +1,25 @@
-"""ModelConfig: every model hyperparameter in one frozen dataclass.
+"""ModelConfig and TrainConfig: every hyperparameter in two frozen dataclasses.
 
-Variants (evaluation with memory disabled, another memory size, another kNN
-backend) come from `config.replace(...)`.
+ModelConfig is the model (passed to every module); TrainConfig is everything
+about a run that is not the model (data, optimizer, schedule, checkpoints,
+evaluation). Variants (evaluation with memory disabled, another memory size,
+another kNN backend) come from `config.replace(...)`. Gin binds both by name
+(`ModelConfig.x = ...`, `TrainConfig.x = ...`) at the command-line edge only.
+
+This module imports no training code and no data code, so reading a config is
+cheap.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Tuple
+import re
+from typing import Any, Optional, Tuple
 
 import jax.numpy as jnp
 
+from memorizing.errors import ConfigError
 
-class ConfigError(ValueError):
-  """A ModelConfig field has an impossible value; the message names the field."""
+__all__ = ["ConfigError", "ModelConfig", "TrainConfig"]
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -44,7 +51,7 @@ class ModelConfig:
   # (docs/results.md).
   tie_embeddings: bool = True
   # Local attention kernel: "auto" (cuDNN flash attention on GPU in bf16/fp16, else
-  # einsum; $MEMORIZING_ATTENTION overrides auto), "einsum", "remat", "cudnn", "xla".
+  # einsum), "einsum", "remat", "cudnn", "xla" (memorizing/model/layers.py).
   attention: str = "auto"
   # Initial value of the learned per-head scale on normalised q.k logits.
   logit_scale_init: float = 0.0   # 0 means sqrt(head_dim)
@@ -150,3 +157,75 @@ class ModelConfig:
                 memory_layers=(-4,), memory_size=65536, num_neighbors=32)
     base.update(overrides)
     return cls(**base)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything about a run that is not the model (gin: `TrainConfig.x = ...`)."""
+  dataset: str = "python_stdlib"
+  data_dir: Optional[str] = None        # None: $MEMORIZING_DATA_DIR or ~/tensorflow_datasets
+  tokenizer: str = "bytes"              # "bytes" or a SentencePiece .model path
+  train_split: str = "train"
+  eval_split: str = "validation"
+  batch_size: int = 8                   # global rows (documents streamed in parallel)
+  eval_batch_size: int = 8
+  num_steps: int = 1000
+  optimizer: str = "adafactor"          # "adafactor" (paper) or "adamw"
+  schedule: str = "rsqrt"               # "rsqrt": linear warmup then rsqrt decay; "cosine"
+  learning_rate: float = 1.0            # rsqrt: lr * min(1, s/w) / sqrt(max(s, w)); adamw: peak
+  warmup_steps: int = 1000
+  weight_decay: float = 0.0
+  grad_clip_norm: float = 1.0           # 0 disables clipping
+  # Per-parameter learning-rate table: (regex, multiplier) pairs, matched with
+  # re.search against the parameter path ("block_4/attention/memory_gate"); the
+  # first match wins, unmatched parameters get 1, multiplier 0 freezes. With
+  # L2-normalised q and k, locality comes from the T5 bias, learned 100x faster
+  # (docs/results.md); the memory gate/bias are per-head scalars like it.
+  learning_rate_multipliers: Tuple[Tuple[str, float], ...] = (
+      ("relative_position_bias", 100.0), ("memory_gate|memory_bias", 100.0))
+  memory_signals: bool = True           # gate, memory mass, distances, similarity, recall
+  seed: int = 0
+  shuffle_documents: bool = True        # seeded order of whole documents (never inside one)
+  log_every: int = 50
+  eval_every: int = 0                   # 0: only at the end
+  eval_max_documents: int = 16
+  eval_max_document_tokens: int = 0     # >0: evaluate only each document's first N tokens
+  final_eval: bool = True               # evaluate with memory and with memory disabled at the end
+  checkpoint_every: int = 500           # 0: only at the end
+  keep_checkpoints: int = 3
+  save_carried_state: bool = True       # False: resume restarts each row at its next document
+  nan_policy: str = "stop"              # "stop" or "skip" (skip also drops that step's memory update)
+  multihost: bool = False               # call jax.distributed.initialize()
+  coordinator_address: Optional[str] = None   # multihost without a cluster manager:
+  num_processes: Optional[int] = None         #   "host:port", process count and this
+  process_id: Optional[int] = None            #   process's id (else auto-detected)
+  progress_bar: bool = True
+  prefetch: int = 2
+  device_memory_gib: float = 0.0        # per-device budget for the memory-fit check; 0: what
+                                        #   the device reports (on CPU: host RAM)
+
+  def __post_init__(self):
+    choices = {"optimizer": ("adafactor", "adamw"), "schedule": ("rsqrt", "cosine"),
+               "nan_policy": ("stop", "skip")}
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r}; choose one of {allowed}")
+    for name in ("batch_size", "eval_batch_size", "num_steps", "log_every", "keep_checkpoints"):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
+    table = tuple(tuple(entry) for entry in self.learning_rate_multipliers)
+    for entry in table:
+      if len(entry) != 2 or not isinstance(entry[0], str):
+        raise ConfigError("TrainConfig.learning_rate_multipliers holds (regex, multiplier) pairs, "
+                         f"got {entry!r}")
+      try:
+        re.compile(entry[0])
+      except re.error as e:
+        raise ConfigError(f"TrainConfig.learning_rate_multipliers: bad regex {entry[0]!r}: {e}")
+      if not (isinstance(entry[1], (int, float)) and entry[1] >= 0):
+        raise ConfigError(f"TrainConfig.learning_rate_multipliers: multiplier of {entry[0]!r} "
+                         f"must be a number >= 0, got {entry[1]!r}")
+    object.__setattr__(self, "learning_rate_multipliers", table)
+
+  def replace(self, **changes) -> "TrainConfig":
+    return dataclasses.replace(self, **changes)

@@ -1,6 +1,7 @@
 """The decoder-only transformer and its carried state.
 
-    logits, state = Decoder(config).apply(params, tokens, state, start_of_document)
+    backend = memorizing.knn.make_backend(config)     # the caller owns it
+    logits, state = Decoder(config, backend).apply(params, tokens, state, start_of_document)
 
 `state` (CarriedState) holds per layer the XL cache of the previous segment and
 per memory layer the kNN ring buffer. It goes in and comes out of every call,
@@ -9,17 +10,18 @@ so the trainer can jit, shard, checkpoint and reset it; rows whose
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from memorizing import memory as memory_lib
-from memorizing.config import ModelConfig
-from memorizing.layers import MLP, RelativePositionBias, XLCache, init_xl_cache
-from memorizing.memory_attention import Attention
+from memorizing.knn_api import KNNBackend
+from memorizing.model import memory as memory_lib
+from memorizing.model.config import ModelConfig
+from memorizing.model.layers import MLP, RelativePositionBias, XLCache, init_xl_cache
+from memorizing.model.memory_attention import Attention
 
 
 @flax.struct.dataclass
@@ -56,13 +58,15 @@ def carried_state_bytes(config: ModelConfig, batch: int) -> int:
 class DecoderBlock(nn.Module):
   config: ModelConfig
   layer: int
+  backend: Optional[KNNBackend] = None
 
   @nn.compact
   def __call__(self, x, bias, start, xl, mem, *, deterministic, train):
     cfg = self.config
     ln = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=cfg.compute_dtype,
                                    param_dtype=cfg.params_dtype, name=name)
-    h, xl, mem = Attention(cfg, self.layer, has_memory=mem is not None, name="attention")(
+    h, xl, mem = Attention(cfg, self.layer, has_memory=mem is not None, backend=self.backend,
+                          name="attention")(
         ln("pre_attention_norm")(x), bias, start, xl, mem,
         deterministic=deterministic, train=train)
     x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
@@ -72,8 +76,9 @@ class DecoderBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Pre-LayerNorm decoder; kNN memory at `config.memory_layers`."""
+  """Pre-LayerNorm decoder; kNN memory at `config.memory_layers`, searched by `backend`."""
   config: ModelConfig
+  backend: Optional[KNNBackend] = None
 
   @nn.compact
   def __call__(self, tokens: jax.Array, state: CarriedState, start_of_document: jax.Array,
@@ -101,7 +106,7 @@ class Decoder(nn.Module):
       if (i in cfg.memory_layer_set) != (mem is not None):
         raise ValueError(f"carried state has no memory for layer {i}; build it with "
                          "init_carried_state(config, batch)")
-      x, xl, mem = DecoderBlock(cfg, i, name=f"block_{i}")(
+      x, xl, mem = DecoderBlock(cfg, i, backend=self.backend, name=f"block_{i}")(
           x, bias, start, xl, mem, deterministic=deterministic, train=train)
       if xl is not None:
         new_xl[name] = xl
@@ -119,7 +124,13 @@ class Decoder(nn.Module):
 
 
 def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1) -> Dict:
-  """Parameters for `config` (shape-only inputs; no data needed)."""
+  """Parameters for `config` (shape-only inputs; no data, no kNN backend needed).
+
+  Initialised with the memory disabled: a memory layer creates the same
+  parameters either way (its gate or bias comes before retrieval), so no search
+  runs during initialisation.
+  """
+  config = config.replace(memory_enabled=False)
   tokens = jnp.zeros((batch, config.segment_length), jnp.int32)
   state = init_carried_state(config, batch)
   return Decoder(config).init(rng, tokens, state, jnp.ones((batch,), bool))["params"]

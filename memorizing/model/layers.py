@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from memorizing.config import ModelConfig
+from memorizing.model.config import ConfigError, ModelConfig
 
 NEG_INF = -1e30
 
-# How local attention is computed (see `xl_attention`):
+# How local attention is computed (see `xl_attention`), ModelConfig.attention:
 #   "einsum": two einsums and a float32 softmax; the [B,H,L,K] probabilities are
 #             kept for the backward pass. The reference path (CPU default).
 #   "remat":  the same under jax.checkpoint: the backward pass recomputes the
@@ -30,23 +29,18 @@ NEG_INF = -1e30
 #   "xla":    the "cudnn" arrangement through jax.nn.dot_product_attention's
 #             XLA implementation (any backend; checks the arrangement on CPU).
 #   "auto":   "cudnn" on GPU with a 16-bit compute dtype, else "einsum".
-# Chosen per process: set_attention_implementation() or $MEMORIZING_ATTENTION.
+# The choice comes from the config alone; there is no process-wide switch.
 ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "remat", "cudnn", "xla")
-_attention_impl = os.environ.get("MEMORIZING_ATTENTION", "auto")
 
 
-def set_attention_implementation(name: str) -> None:
-  """Selects the local-attention implementation for models traced afterwards."""
-  global _attention_impl
+def attention_implementation(name: str = "auto", dtype=None) -> str:
+  """The implementation `xl_attention` runs for `name` (ModelConfig.attention) and
+  inputs of `dtype` on this backend: "auto" resolved, any other name as is."""
   if name not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {name!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
-  _attention_impl = name
-
-
-def attention_implementation(dtype=None) -> str:
-  """The implementation `xl_attention` runs for inputs of `dtype` on this backend."""
-  if _attention_impl != "auto":
-    return _attention_impl
+    raise ConfigError(f"ModelConfig.attention={name!r}; choose one of "
+                      f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+  if name != "auto":
+    return name
   if jax.default_backend() == "gpu" and dtype is not None and \
       jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return "cudnn"
@@ -158,16 +152,16 @@ def local_window(q_len: int, cache_valid: jax.Array | None) -> jax.Array:
 
 
 def xl_attention(q, k, v, scale, bias, cache_k=None, cache_v=None, cache_valid=None,
-                 impl=None, return_lse=False):
+                 impl="auto", return_lse=False):
   """Local attention of a segment over [XL cache | segment], causal in the segment.
 
   q, k, v [B,H,L,D]; cache_k, cache_v [B,H,C,D] or None; cache_valid [B] bool;
   scale [H]; bias [H,L,C+L] (columns in [cache | segment] order). Returns
   [B,H,L,D] in q's dtype (and the logits' log-sum-exp [B,H,L] with
   `return_lse`, which the fused kernels do not give: then einsum or remat runs).
-  `impl` overrides `attention_implementation()`.
+  `impl` is ModelConfig.attention ("auto" is resolved by `attention_implementation`).
   """
-  impl = impl or attention_implementation(q.dtype)
+  impl = attention_implementation(impl, q.dtype)
   if return_lse and impl not in ("einsum", "remat"):
     impl = "einsum"
   length = q.shape[2]

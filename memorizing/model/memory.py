@@ -79,3 +79,11 @@ def append(state: MemoryState, keys: jax.Array, values: jax.Array) -> MemoryStat
   return MemoryState(keys=new_keys, values=new_values,
                      pointer=(state.pointer + m) % size,
                      count=jnp.minimum(state.count + m, size))
+
+
+def gather(table: jax.Array, indices: jax.Array) -> jax.Array:
+  """table [B, H, N, D], indices [B, H, Q, k] -> [B, H, Q, k, D]."""
+  b, h, q, k = indices.shape
+  flat = indices.reshape(b, h, q * k)
+  out = jax.vmap(jax.vmap(lambda t, i: t[i]))(table, flat)     # [B, H, Q*k, D]
+  return out.reshape(b, h, q, k, table.shape[-1])

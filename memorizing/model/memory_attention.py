@@ -1,6 +1,6 @@
 """Attention of one layer: local (with XL cache) and, in memory layers, kNN memory.
 
-Per segment, a memory layer (DESIGN.md section 2):
+Per segment, a memory layer (docs/design.md):
   1) resets the memory rows whose document starts now;
   2) retrieves the top-k stored keys for every query (L2-normalised dot product;
      the retrieval query carries no gradient);
@@ -18,7 +18,10 @@ The same q/k/v projections serve local and memory attention, so adding memory
 to a trained model adds only the gate (or the memory bias).
 
 When the caller makes the "signals" collection mutable, each memory layer sows
-its memory signals there (memorizing/signals.py).
+its memory signals there (memorizing/model/signals.py).
+
+The kNN backend (memorizing.knn_api.KNNBackend) is passed in by whoever runs
+the model: `Decoder(config, backend)`; the model never builds or looks one up.
 """
 from __future__ import annotations
 
@@ -28,22 +31,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memorizing import knn
-from memorizing import memory as memory_lib
-from memorizing import signals as signals_lib
-from memorizing.config import ModelConfig
-from memorizing.layers import NEG_INF, XLCache, l2_normalize, xl_attention
+from memorizing.knn_api import KNNBackend, SearchContext
+from memorizing.model import memory as memory_lib
+from memorizing.model import signals as signals_lib
+from memorizing.model.config import ModelConfig
+from memorizing.model.layers import NEG_INF, XLCache, l2_normalize, xl_attention
 
 
-def retrieve(q: jax.Array, mem: memory_lib.MemoryState, backend: knn.KNNBackend, k: int,
-             context: knn.SearchContext):
+def retrieve(q: jax.Array, mem: memory_lib.MemoryState, backend: KNNBackend, k: int,
+             context: SearchContext):
   """Top-k stored pairs of each query: idx, valid [B,H,L,k]; keys, values [B,H,L,k,D]
   (stop-gradient). q [B,H,L,D] normalised."""
   b, h, length, _ = q.shape
   idx, valid = backend.search(jax.lax.stop_gradient(q), mem, k, context)
   assert idx.shape == (b, h, length, k), (idx.shape, (b, h, length, k))
-  keys = jax.lax.stop_gradient(knn.gather(mem.keys, idx))      # [B,H,L,k,D]
-  values = jax.lax.stop_gradient(knn.gather(mem.values, idx))  # [B,H,L,k,D]
+  keys = jax.lax.stop_gradient(memory_lib.gather(mem.keys, idx))      # [B,H,L,k,D]
+  values = jax.lax.stop_gradient(memory_lib.gather(mem.values, idx))  # [B,H,L,k,D]
   return idx, valid, keys, values
 
 
@@ -68,8 +71,8 @@ def attend_retrieved(q, keys, values, valid, scale, bias=None):
 
 
 def memory_attention(q: jax.Array, mem: memory_lib.MemoryState, scale: jax.Array,
-                     backend: knn.KNNBackend, k: int,
-                     context: knn.SearchContext) -> jax.Array:
+                     backend: KNNBackend, k: int,
+                     context: SearchContext) -> jax.Array:
   """Attention over the k nearest stored pairs of each query (own softmax).
 
   q [B,H,L,D] (normalised), scale [H]. Returns [B,H,L,D]; zero for queries
@@ -82,11 +85,13 @@ def memory_attention(q: jax.Array, mem: memory_lib.MemoryState, scale: jax.Array
 class Attention(nn.Module):
   """Multi-head attention with L2-normalised q/k and a learned per-head scale.
 
-  `layer` is this layer's index; it holds a kNN memory when `has_memory`.
+  `layer` is this layer's index; it holds a kNN memory when `has_memory`, searched
+  by `backend` (needed when the memory is enabled).
   """
   config: ModelConfig
   layer: int
   has_memory: bool = False
+  backend: Optional[KNNBackend] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, bias: jax.Array, start: jax.Array,
@@ -107,7 +112,7 @@ class Attention(nn.Module):
                        (cfg.num_heads,), jnp.float32)
 
     # Local attention over [previous segment | current segment].
-    impl = None if cfg.attention == "auto" else cfg.attention
+    impl = cfg.attention
     joint = self.has_memory and cfg.memory_enabled and cfg.memory_combine == "joint"
     if xl is not None:
       cache_valid = xl.valid & ~start
@@ -135,8 +140,11 @@ class Attention(nn.Module):
       mem = memory_lib.reset(mem, start)
       new_mem = mem
       if cfg.memory_enabled:
-        backend = knn.get_backend(cfg.knn_backend, cfg.knn_options)
-        context = knn.SearchContext(layer=self.layer, train=train, reset=start,
+        backend = self.backend
+        if backend is None:
+          raise ValueError("a memory layer needs a kNN backend: Decoder(config, "
+                           "memorizing.knn.make_backend(config))")
+        context = SearchContext(layer=self.layer, train=train, reset=start,
                                     new_keys=jax.lax.stop_gradient(k))
         idx, valid, mem_k, mem_v = retrieve(q, mem, backend, cfg.num_neighbors, context)
         mem_out, probs, mem_lse = attend_retrieved(q, mem_k, mem_v, valid, scale, mem_bias)

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memorizing.memory import MemoryState
+from memorizing.model.memory import MemoryState
 
 DISTANCE_BUCKETS = ("xl", "to2k", "to8k", "to32k", "beyond32k")
 DISTANCE_EDGES = (2048, 8192, 32768)
