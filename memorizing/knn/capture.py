@@ -14,15 +14,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memorizing import memory as memory_lib
-from memorizing.config import ModelConfig
-from memorizing.decoder import Decoder, init_carried_state, layer_name
-from memorizing.layers import l2_normalize
+from memorizing.knn import make_backend
+from memorizing.knn_api import KNNBackend
+from memorizing.model import memory as memory_lib
+from memorizing.model.config import ConfigError, ModelConfig
+from memorizing.model.decoder import Decoder, init_carried_state, layer_name
+from memorizing.model.layers import l2_normalize
 
 
 def capture(model_config: ModelConfig, params, batches, num_segments: int,
-            layer: int | None = None) -> Dict[str, np.ndarray]:
+            layer: int | None = None, backend: KNNBackend | None = None
+            ) -> Dict[str, np.ndarray]:
   """Runs `num_segments` batches, then captures the next batch's queries.
+
+  `backend` searches the memory while the model runs (default: a new one from
+  `make_backend(model_config)`, closed at the end).
 
   batches: iterator of Batch dicts (tokens [B,L], start_of_document [B], ...).
   Returns {"keys": [B,H,N,D], "values": [B,H,N,D], "count": [B],
@@ -31,8 +37,18 @@ def capture(model_config: ModelConfig, params, batches, num_segments: int,
   """
   layer = model_config.memory_layer_set[0] if layer is None else layer % model_config.num_layers
   if layer not in model_config.memory_layer_set:
-    raise ValueError(f"layer {layer} holds no memory; memory layers: {model_config.memory_layer_set}")
-  model = Decoder(model_config)
+    raise ConfigError(f"layer {layer} holds no memory; memory layers: {model_config.memory_layer_set}")
+  own = backend is None
+  backend = make_backend(model_config) if own else backend
+  try:
+    return _capture(model_config, params, batches, num_segments, layer, backend)
+  finally:
+    if own and backend is not None:
+      backend.close()
+
+
+def _capture(model_config, params, batches, num_segments, layer, backend):
+  model = Decoder(model_config, backend)
   query_name = f"block_{layer}"
 
   @jax.jit

@@ -4,8 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from memorizing import knn
-from memorizing.memory import MemoryState
+from memorizing.knn_api import KNNBackend
+from memorizing.model.memory import MemoryState
 
 
 def masked_scores(queries: jax.Array, memory: MemoryState) -> jax.Array:
@@ -15,7 +15,7 @@ def masked_scores(queries: jax.Array, memory: MemoryState) -> jax.Array:
   return jnp.where(memory.valid_mask()[:, None, None, :], scores, -jnp.inf)
 
 
-class ExactBackend(knn.KNNBackend):
+class ExactBackend(KNNBackend):
   """Exact top-k by dot product. Memory O(B H Q N): a reference, not fast."""
   name = "exact"
 

@@ -9,7 +9,8 @@ A searcher's datapoint index IS the ring-buffer slot: slots are filled from 0
 after a reset (appended in order) and later overwritten in place with
 `upsert`, so search returns slots directly.
 
-Per layer and step, `search` makes ONE host call (jax.pure_callback) that
+Per layer and step, `search` makes ONE host call (jax.experimental.io_callback:
+it changes host state, which jax.pure_callback must not) that
   1. empties the rows with count 0 (the memory passed in is post-reset),
   2. searches every (row, head) with count > 0, in parallel threads
      (ScaNN releases the GIL),
@@ -17,11 +18,20 @@ Per layer and step, `search` makes ONE host call (jax.pure_callback) that
 so reset -> search -> insert is ordered by construction. The insert is part of
 the call whose output the layer uses, so XLA cannot drop it.
 
-Sharding. Under plain jit a pure_callback runs once, on one device, with the
+Order between calls. The callback is `ordered=False`: jax refuses ordered
+effects inside shard_map and vmap, where the per-device calls below run. The
+order of the calls is enforced by data dependence instead: the call of a layer
+at step t+1 takes that layer's memory (pointer, count) as produced by step t,
+so it cannot run before step t's program (including its callback) has
+finished, and one layer makes one call per step. The host also checks that
+its (pointer, count) of every row matches the device's and fails loudly if a
+call was skipped or reordered (see Consistency).
+
+Sharding. Under plain jit a host callback runs once, on one device, with the
 whole (gathered) batch. So when the caller declares a mesh with axis
-`row_axis` ("data", the trainer's mesh, memorizing.train.make_mesh; declared
-with knn.mesh_context around the traced step), the host call is wrapped in
-`shard_map` over it (knn.per_device_rows): each device calls the host with
+`row_axis` ("data", the trainer's mesh, memorizing.training.train.make_mesh; declared
+with memorizing.knn.mesh_context around the traced step), the host call is wrapped in
+`shard_map` over it (per_device_rows): each device calls the host with
 only its own rows, plus their global row indices, and each process keeps
 searchers for its own rows only. Inside a caller's own `shard_map` (all mesh
 axes manual) the call is already per device; the global row index is then
@@ -44,8 +54,8 @@ Searcher policy per (row, head), with c = keys in the row:
   synthetic streams, docs/knn.md); the newest keys are also the likeliest
   neighbours, and the tail finds them exactly.
 
-Consistency. jax.pure_callback may run more than once with the same inputs
-(e.g. rematerialisation). The host remembers a fingerprint of the inputs of its
+Consistency. A host call may be repeated with the same inputs (e.g. a
+rematerialised or retried program). The host remembers a fingerprint of the inputs of its
 last call (pointer, count, reset, checksums of queries and new keys) and
 answers a repeat from the stored result without inserting again. Each call
 also checks that the host's (pointer, count) of every non-empty row equals the
@@ -65,9 +75,12 @@ from typing import Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
-from memorizing import knn
-from memorizing.memory import MemoryState
+from memorizing.errors import ConfigError
+from memorizing.knn_api import KNNBackend, SearchContext
+from memorizing.knn.sharding import per_device_rows
+from memorizing.model.memory import MemoryState
 
 
 class ScannBackendError(RuntimeError):
@@ -75,6 +88,7 @@ class ScannBackendError(RuntimeError):
 
 
 def _import_scann():
+  # Imported when a ScannBackend is built: ScaNN is an optional dependency.
   try:
     from scann.scann_ops.py import scann_ops_pybind  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -126,7 +140,7 @@ class _LayerState:
     self.locks: Dict[Tuple[int, ...], threading.Lock] = {}
 
 
-class ScannBackend(knn.KNNBackend):
+class ScannBackend(KNNBackend):
   """Host ScaNN kNN, one ordered host call per layer and step.
 
   Options (ModelConfig.knn_options):
@@ -155,19 +169,19 @@ class ScannBackend(knn.KNNBackend):
                row_axis: str = "data"):
     self._scann = _import_scann()
     if shard_rows not in ("auto", "off"):
-      raise ValueError(f"ScannBackend shard_rows={shard_rows!r}; choose auto or off")
+      raise ConfigError(f"ScannBackend shard_rows={shard_rows!r}; choose auto or off")
     self.shard_rows = shard_rows
     self.row_axis = row_axis
     if tree_min_size < 64:
-      raise ValueError(f"ScannBackend tree_min_size must be >= 64, got {tree_min_size}")
+      raise ConfigError(f"ScannBackend tree_min_size must be >= 64, got {tree_min_size}")
     if not 0.0 < leaf_fraction <= 1.0:
-      raise ValueError(f"ScannBackend leaf_fraction must be in (0, 1], got {leaf_fraction}")
+      raise ConfigError(f"ScannBackend leaf_fraction must be in (0, 1], got {leaf_fraction}")
     self.tree_min_size = tree_min_size
     self.leaf_fraction = leaf_fraction
     self.min_leaves_to_search = min_leaves_to_search
     self.leaves_per_sqrt = leaves_per_sqrt
     if not 0.0 < tail_fraction <= 0.5:
-      raise ValueError(f"ScannBackend tail_fraction must be in (0, 0.5], got {tail_fraction}")
+      raise ConfigError(f"ScannBackend tail_fraction must be in (0, 0.5], got {tail_fraction}")
     self.tail_fraction = tail_fraction
     self.training_iterations = training_iterations
     self.num_threads = num_threads or os.cpu_count() or 1
@@ -389,7 +403,7 @@ class ScannBackend(knn.KNNBackend):
     """The host cache of one global row (tests and tools)."""
     return self._layers[(layer, bool(train))].rows[row]
 
-  def search(self, queries, memory: MemoryState, k: int, context: knn.SearchContext):
+  def search(self, queries, memory: MemoryState, k: int, context: SearchContext):
     """queries [B,H,Q,D] -> (indices int32 [B,H,Q,k], valid bool [B,H,Q,k]).
 
     Also inserts context.new_keys [B,H,L,D] at append_slots(memory.pointer, L, N)
@@ -410,9 +424,11 @@ class ScannBackend(knn.KNNBackend):
       rows = row0 + jnp.arange(b, dtype=jnp.int32)
       out_shapes = (jax.ShapeDtypeStruct((b, h, q, k), jnp.int32),
                     jax.ShapeDtypeStruct((b, h, q, k), jnp.bool_))
-      return jax.pure_callback(host, out_shapes, rows, *local, vmap_method="sequential")
+      # Unordered (see "Order between calls" above): ordered effects are refused
+      # under shard_map/vmap; data dependence orders the calls.
+      return io_callback(host, out_shapes, rows, *local, ordered=False)
 
-    return knn.per_device_rows(call, args, 2, self.row_axis, self.shard_rows == "auto")
+    return per_device_rows(call, args, 2, self.row_axis, self.shard_rows == "auto")
 
   def sync(self, layer: int, train: bool, memory: MemoryState) -> None:
     """Rebuilds the (layer, mode) searchers of this process's rows from the device
@@ -441,6 +457,11 @@ class ScannBackend(knn.KNNBackend):
     """Drops every host index (all layers and modes)."""
     with self._lock:
       self._layers.clear()
+
+  def close(self) -> None:
+    """Drops the host indices and stops the search threads."""
+    self.clear()
+    self._pool.shutdown(wait=True)
 
 
 def _local_rows(x) -> Dict[int, np.ndarray]:

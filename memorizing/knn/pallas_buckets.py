@@ -1,0 +1,209 @@
+"""Strided-bucket top-k as one fused Pallas (Triton) kernel for GPUs.
+
+The kernel walks the memory in blocks of S keys and keeps the running max and
+argmax per bucket in registers, so the [Q, N] score matrix is never written to
+memory. Same contract as memorizing.knn.buckets.buckets_xla.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from memorizing.errors import ConfigError
+from memorizing.knn.topk import round_up, slot_bias, top_k
+
+
+_OFFSET = 2.0   # packed="offset": scores are stored as the int32 bits of (score + 2)
+
+
+def _bucket_kernel(q_ref, k_ref, bias_ref, *out_refs, num_blocks, block_k, chunk, mode,
+                   index_bits):
+  """One program: `block_q` queries of one (row, head) against all its keys.
+
+  q_ref [block_q, D], k_ref [n_pad, D], bias_ref [n_pad]. The memory is walked
+  in blocks of S = block_k keys; bucket c of block j is slot j*S + c. Each
+  block's [block_q, S] scores are computed in column chunks of `chunk`
+  (a power of two; S need not be one), each with its own running state.
+  mode "pair":     out_refs = (max [block_q, S] f32, arg [block_q, S] int32 =
+                   the block number j of the max): compare + 2 selects per score.
+  mode "sortable": out_refs = (key [block_q, S] int32,): per bucket the max of
+                   (order-preserving int32 of the score, low `index_bits` bits
+                   replaced by j): one integer max per score, any float.
+  mode "offset":   like "sortable" with the int32 bits of (score + 2) instead:
+                   positive floats order like their bits, so a score costs one
+                   add (the bias array holds 2 or -inf), one and/or, one
+                   integer max; exact order for scores > -2 (unit-norm queries
+                   and keys have scores in [-1, 1]); invalid slots come out negative.
+  """
+  # Imported when the kernel is built: Pallas (and Triton) load only on this path.
+  from jax.experimental import pallas as pl
+  q = q_ref[...]
+  block_q = q.shape[0]
+  parts = block_k // chunk
+
+  def scores(j, c):
+    start = pl.multiple_of(j * block_k + c * chunk, chunk)
+    kb = k_ref[pl.ds(start, chunk), :]                              # [chunk, D]
+    sc = jax.lax.dot_general(q, kb, (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)    # [block_q, chunk]
+    return sc + bias_ref[pl.ds(start, chunk)][None, :]
+
+  if mode == "pair":
+    def body(j, carry):
+      out = []
+      for c in range(parts):
+        best, arg = carry[c]
+        sc = scores(j, c)
+        better = sc > best
+        out.append((jnp.where(better, sc, best), jnp.where(better, j, arg)))
+      return tuple(out)
+    init = tuple((jnp.full((block_q, chunk), -jnp.inf, jnp.float32),
+                  jnp.zeros((block_q, chunk), jnp.int32)) for _ in range(parts))
+    state = jax.lax.fori_loop(0, num_blocks, body, init)
+    max_ref, arg_ref = out_refs
+    for c in range(parts):
+      max_ref[:, pl.ds(c * chunk, chunk)] = state[c][0]
+      arg_ref[:, pl.ds(c * chunk, chunk)] = state[c][1]
+    return
+
+  if mode == "max":              # benchmark floor only: bucket maxima, no slot
+    def body(j, carry):
+      return tuple(jnp.maximum(carry[c], scores(j, c)) for c in range(parts))
+    init = tuple(jnp.full((block_q, chunk), -jnp.inf, jnp.float32) for _ in range(parts))
+    state = jax.lax.fori_loop(0, num_blocks, body, init)
+    (max_ref,) = out_refs
+    for c in range(parts):
+      max_ref[:, pl.ds(c * chunk, chunk)] = state[c]
+    return
+
+  keep = jnp.int32(~((1 << index_bits) - 1))
+
+  def body(j, carry):
+    out = []
+    for c in range(parts):
+      sc = scores(j, c)
+      key = (_sortable_int(sc) if mode == "sortable"
+             else jax.lax.bitcast_convert_type(sc, jnp.int32))
+      out.append(jnp.maximum(carry[c], (key & keep) | j))
+    return tuple(out)
+  init = tuple(jnp.full((block_q, chunk), jnp.iinfo(jnp.int32).min, jnp.int32)
+               for _ in range(parts))
+  state = jax.lax.fori_loop(0, num_blocks, body, init)
+  (key_ref,) = out_refs
+  for c in range(parts):
+    key_ref[:, pl.ds(c * chunk, chunk)] = state[c]
+
+
+def _sortable_int(x: jax.Array) -> jax.Array:
+  """float32 -> int32 with the same order (and back: it is its own inverse)."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _unsortable(key: jax.Array) -> jax.Array:
+  bits = jnp.where(key < 0, key ^ jnp.int32(0x7FFFFFFF), key)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def pallas_chunk(num_buckets: int, chunk: Optional[int] = None) -> int:
+  """Column chunk of the Pallas kernel: `chunk` if given, else the largest power
+  of two <= 128 dividing S."""
+  if chunk:
+    if num_buckets % chunk or chunk & (chunk - 1):
+      raise ConfigError(f"DeviceBackend chunk={chunk} must be a power of two dividing "
+                       f"num_buckets={num_buckets}")
+    return chunk
+  c = 128
+  while c > 1 and num_buckets % c:
+    c //= 2
+  return c
+
+
+def packed_mode(packed) -> str:
+  if packed in (False, None, "pair"):
+    return "pair"
+  if packed in (True, "sortable"):
+    return "sortable"
+  if packed == "offset":
+    return "offset"
+  raise ConfigError(f"DeviceBackend packed={packed!r}; choose False, True (sortable) or 'offset'")
+
+
+def buckets_pallas(queries, keys, count, num_buckets, k, compute_dtype, block_q,
+                    num_warps, num_stages, interpret, packed=False, top_k_impl="sort",
+                    grid_order="queries", chunk=None):
+  """Same contract as _buckets_xla, fused; S must be a multiple of 16."""
+  # Imported when the kernel is built: Pallas (and Triton) load only on this path.
+  from jax.experimental import pallas as pl
+  b, h, q, d = queries.shape
+  n = keys.shape[2]
+  s = num_buckets
+  chunk = pallas_chunk(s, chunk)
+  if chunk < 16:
+    raise ConfigError(f"DeviceBackend pallas needs num_buckets a multiple of 16, got {s}")
+  mode = "max" if packed == "max" else packed_mode(packed)
+  n_pad = round_up(n, s)
+  q_pad = round_up(q, block_q)
+  bias = slot_bias(count, n_pad)                                   # [B, n_pad]
+  if mode == "offset":
+    bias = bias + _OFFSET
+  keys = jnp.pad(keys, ((0, 0), (0, 0), (0, n_pad - n), (0, 0))).astype(compute_dtype)
+  queries = jnp.pad(queries, ((0, 0), (0, 0), (0, q_pad - q), (0, 0))).astype(compute_dtype)
+  qf = queries.reshape(b * h, q_pad, d)
+  kf = keys.reshape(b * h, n_pad, d)
+
+  kwargs = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+    kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  num_blocks = n_pad // s
+  index_bits = max(1, (num_blocks - 1).bit_length())
+  kernel = functools.partial(_bucket_kernel, num_blocks=num_blocks, block_k=s, chunk=chunk,
+                             mode=mode, index_bits=index_bits)
+  nq = q_pad // block_q
+  if grid_order == "queries":
+    # The query blocks of one (row, head) run next to each other (grid axis 0
+    # is the fastest-varying launch axis), so they read its keys from L2.
+    grid = (nq, b * h)
+    rowhead = lambda i, j: (j, i)
+  elif grid_order == "rows":
+    grid = (b * h, nq)
+    rowhead = lambda i, j: (i, j)
+  else:
+    raise ConfigError(f"DeviceBackend grid_order={grid_order!r}; choose queries or rows")
+  qspec = pl.BlockSpec((None, block_q, d), lambda i, j: (*rowhead(i, j), 0))
+  kspec = pl.BlockSpec((None, n_pad, d), lambda i, j: (rowhead(i, j)[0], 0, 0))
+  bspec = pl.BlockSpec((None, n_pad), lambda i, j: (rowhead(i, j)[0] // h, 0))
+  ospec = pl.BlockSpec((None, block_q, s), lambda i, j: (*rowhead(i, j), 0))
+  out_shape = {"pair": [jnp.float32, jnp.int32], "max": [jnp.float32]}.get(mode, [jnp.int32])
+  outs = pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=[qspec, kspec, bspec],
+      out_specs=[ospec] * len(out_shape),
+      out_shape=[jax.ShapeDtypeStruct((b * h, q_pad, s), t) for t in out_shape],
+      interpret=interpret,
+      **kwargs,
+  )(qf, kf, bias)
+  outs = [o.reshape(b, h, q_pad, s)[:, :, :q] for o in outs]
+  if mode == "max":
+    vals, bucket = top_k(outs[0], min(k, s), top_k_impl)
+    return vals, bucket.astype(jnp.int32)
+  if mode == "pair":
+    best, arg = outs
+    vals, bucket = top_k(best, min(k, s), top_k_impl)
+    slots = jnp.take_along_axis(arg, bucket, axis=-1) * s + bucket
+    return vals, slots.astype(jnp.int32)
+  keyv, bucket = top_k(outs[0], min(k, s), top_k_impl)
+  low = jnp.int32((1 << index_bits) - 1)
+  if mode == "sortable":
+    vals = _unsortable(keyv & ~low)
+    vals = jnp.where(vals > -1e30, vals, -jnp.inf)      # -inf comes back as NaN: invalid
+  else:
+    vals = jax.lax.bitcast_convert_type(keyv & ~low, jnp.float32) - _OFFSET
+    vals = jnp.where(keyv >= 0, vals, -jnp.inf)         # negative: an invalid slot
+  slots = (keyv & low) * s + bucket
+  return vals, slots.astype(jnp.int32)
