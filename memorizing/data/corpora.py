@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from memorizing.data import stats
+from memorizing.errors import DatasetError
 
 Document = Tuple[str, bytes]  # (path or name, text bytes)
 
@@ -68,7 +69,7 @@ def split_by_hash(paths: Sequence[str], validation_fraction: float,
       break
     validation = more
   if len(validation) == len(paths):
-    raise ValueError(f"need at least 2 distinct documents to make train and validation "
+    raise DatasetError(f"need at least 2 distinct documents to make train and validation "
                      f"splits, got {len(paths)}")
   return {"train": [i for i in range(len(paths)) if i not in validation],
           "validation": sorted(validation)}
@@ -173,14 +174,14 @@ class TextFiles(_LocalCorpus):
   def check_source(self) -> None:
     """Raise ValueError now, before building, when the source holds no files."""
     if not self.source:
-      raise ValueError("text_files needs a source: a directory or a glob of text files "
+      raise DatasetError("text_files needs a source: a directory or a glob of text files "
                        "(prepare_data.py text_files --source PATH_OR_GLOB)")
     if len(list_text_files(self.source)[1]) < 2:
-      raise ValueError(f"text_files: {self.source!r} matches fewer than 2 files")
+      raise DatasetError(f"text_files: {self.source!r} matches fewer than 2 files")
 
   def documents(self) -> List[Document]:
     if not self.source:
-      raise ValueError("text_files needs a source: a directory or a glob of text files "
+      raise DatasetError("text_files needs a source: a directory or a glob of text files "
                        "(prepare_data.py text_files --source PATH_OR_GLOB)")
     root, files = list_text_files(self.source)
     docs = []
@@ -190,7 +191,7 @@ class TextFiles(_LocalCorpus):
       if len(text) >= self.min_bytes:
         docs.append((os.path.relpath(f, root), text))
     if len(docs) < 2:
-      raise ValueError(f"text_files: {self.source!r} has {len(files)} files, {len(docs)} of at "
+      raise DatasetError(f"text_files: {self.source!r} has {len(files)} files, {len(docs)} of at "
                        f"least {self.min_bytes} bytes; need at least 2")
     return docs
 

@@ -34,7 +34,7 @@ import tarfile
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from memorizing.data.corpora import Document, _LocalCorpus
-from memorizing.data.official import SourceUnavailableError
+from memorizing.errors import DatasetError, SourceUnavailableError
 
 MAX_DOCUMENT_BYTES = 1 << 20
 MAX_TOTAL_BYTES = 30_000_000
@@ -250,7 +250,7 @@ class _DebianCorpus(_LocalCorpus):
                        max_document_bytes=self.max_document_bytes)
     docs = cap_total(docs, self.max_total_bytes)
     if len({part_key(n) for n, _ in docs}) < 2:
-      raise ValueError(f"{self.name}: {self.root()} gives {len(docs)} documents; need at least "
+      raise DatasetError(f"{self.name}: {self.root()} gives {len(docs)} documents; need at least "
                        "2 (of 2 directories) for train and validation")
     return docs
 

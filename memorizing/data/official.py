@@ -22,11 +22,9 @@ from typing import Dict, Iterable, Iterator, Optional
 
 import tensorflow_datasets as tfds
 
+from memorizing.data.prepared import find_prepared
 from memorizing.data.tokenizers import Tokenizer, as_bytes, get_tokenizer
-
-
-class SourceUnavailableError(RuntimeError):
-  """The source of an official corpus cannot be read from here."""
+from memorizing.errors import SourceUnavailableError
 
 
 # --- the C4 length filter ----------------------------------------------------------
@@ -69,8 +67,7 @@ def c4_json_examples(pattern: str) -> Iterator[dict]:
 
 def c4_tfds_source(source_data_dir: str, split: str):
   """Random-access examples of `c4/en` prepared as ArrayRecord under `source_data_dir`."""
-  from memorizing.data import registry  # the prepared-directory lookup lives there
-  builder_dir = registry.find_prepared(source_data_dir, "c4/en")
+  builder_dir = find_prepared(source_data_dir, "c4/en")
   if builder_dir is None:
     raise SourceUnavailableError(
         f"c4/en is not prepared in {source_data_dir}. Prepare it with TFDS (needs Apache "

@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from memorizing.data.tokenizers import Tokenizer
+from memorizing.errors import ConfigError, DatasetError
 
 Batch = Dict[str, np.ndarray]
 BATCH_KEYS = ("tokens", "targets", "weights", "start_of_document")
@@ -61,7 +62,7 @@ class DocumentStream:
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
     if batch_size <= 0 or batch_size % process_count:
-      raise ValueError(f"batch_size={batch_size} must be a positive multiple of "
+      raise ConfigError(f"batch_size={batch_size} must be a positive multiple of "
                        f"process_count={process_count}")
     self.documents = documents
     self.tokenizer = tokenizer
@@ -100,7 +101,7 @@ class DocumentStream:
         if not self.repeat:
           return False
         if skipped >= len(order):  # a whole epoch without a usable document
-          raise ValueError(
+          raise DatasetError(
               f"no document of process {self.process_index}'s share ({len(order)} documents) "
               f"has at least {self.min_length} tokens; cannot repeat")
         self._epoch += 1
@@ -185,10 +186,10 @@ class DocumentStream:
       got = state.get(key)
       got = int(got) if key != "seed" and got is not None else got
       if got != expected[key]:
-        raise ValueError(f"data position was saved with {key}={state.get(key)!r}, but this "
+        raise ConfigError(f"data position was saved with {key}={state.get(key)!r}, but this "
                          f"stream has {key}={expected[key]!r}; they must match to resume")
     if len(state["doc_index"]) != self.rows or len(state["offset"]) != self.rows:
-      raise ValueError(f"data position has {len(state['doc_index'])} rows, stream has {self.rows}")
+      raise ConfigError(f"data position has {len(state['doc_index'])} rows, stream has {self.rows}")
     self._set_position(state["doc_index"], state["offset"], state["cursor"], state["epoch"])
 
 

@@ -10,17 +10,18 @@ use, offline.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Dict, Optional, Sequence, Tuple
 
 import tensorflow_datasets as tfds
 
 from memorizing.data import corpora, debian, official
+from memorizing.data.prepared import default_data_dir, file_format, find_prepared
+from memorizing.errors import DatasetError
 
-
-class DatasetError(ValueError):
-  """A data set cannot be read; the message names the cause and the fix."""
+__all__ = ["DATASETS", "DatasetError", "DatasetSpec", "Documents", "default_data_dir",
+           "describe_prepared", "find_prepared", "get_spec", "load_documents", "prepare",
+           "prepare_command"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +80,6 @@ DATASETS: Dict[str, DatasetSpec] = {s.name: s for s in [
 ]}
 
 
-def default_data_dir() -> str:
-  """$MEMORIZING_DATA_DIR, else ~/tensorflow_datasets."""
-  return os.path.expanduser(os.environ.get("MEMORIZING_DATA_DIR", "~/tensorflow_datasets"))
-
-
 def get_spec(name: str) -> DatasetSpec:
   if name not in DATASETS:
     raise DatasetError(f"Unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
@@ -93,27 +89,6 @@ def get_spec(name: str) -> DatasetSpec:
 def prepare_command(name: str, data_dir: str) -> str:
   """The shell command that prepares `name` into `data_dir`."""
   return f"python scripts/prepare_data.py {name} --data_dir {data_dir}{get_spec(name).prepare_args}"
-
-
-def find_prepared(data_dir: str, tfds_name: str) -> Optional[str]:
-  """The directory `data_dir/tfds_name/VERSION` of the highest prepared version
-  (one holding dataset_info.json), or None."""
-  base = os.path.join(os.path.expanduser(data_dir), *tfds_name.split("/"))
-  if not os.path.isdir(base):
-    return None
-  versions = []
-  for v in os.listdir(base):
-    if os.path.exists(os.path.join(base, v, "dataset_info.json")):
-      try:
-        versions.append((tuple(int(x) for x in v.split(".")), v))
-      except ValueError:
-        continue
-  return os.path.join(base, max(versions)[1]) if versions else None
-
-
-def _file_format(builder_dir: str) -> str:
-  with open(os.path.join(builder_dir, "dataset_info.json")) as f:
-    return json.load(f).get("fileFormat", "tfrecord")
 
 
 def prepare(name: str, data_dir: Optional[str] = None, **options) -> str:
@@ -205,9 +180,9 @@ def load_documents(name: str, split: str = "train", data_dir: Optional[str] = No
     raise DatasetError(
         f"Dataset {name!r} is not prepared in {data_dir} (no {spec.tfds_name}/VERSION/"
         f"dataset_info.json there). Prepare it with:\n  {prepare_command(name, data_dir)}")
-  if _file_format(builder_dir) != "array_record":
+  if file_format(builder_dir) != "array_record":
     raise DatasetError(
-        f"Dataset {name!r} in {builder_dir} is stored as {_file_format(builder_dir)}, not "
+        f"Dataset {name!r} in {builder_dir} is stored as {file_format(builder_dir)}, not "
         f"ArrayRecord, and cannot be read without TensorFlow. Prepare it again with:\n  "
         f"{prepare_command(name, data_dir)}")
   builder = tfds.builder_from_directory(builder_dir)

@@ -11,6 +11,8 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from memorizing.errors import DatasetError, MissingFileError
+
 Text = Union[str, bytes]
 
 TRAIN_TOKENIZER_COMMAND = (
@@ -100,7 +102,7 @@ class SentencePieceTokenizer(Tokenizer):
     import sentencepiece as spm  # local import: the byte tokenizer needs nothing
     model_path = os.fspath(model_path)
     if not os.path.exists(model_path):
-      raise FileNotFoundError(
+      raise MissingFileError(
           f"SentencePiece model not found: {model_path}. Train one with:\n  "
           + TRAIN_TOKENIZER_COMMAND.format(path=model_path))
     self.model_path = model_path
@@ -132,7 +134,7 @@ def get_tokenizer(name_or_path: str) -> Tokenizer:
     return ByteTokenizer()
   if str(name_or_path).endswith(".model") or os.path.sep in str(name_or_path):
     return SentencePieceTokenizer(os.path.expanduser(str(name_or_path)))
-  raise ValueError(
+  raise DatasetError(
       f"Unknown tokenizer {name_or_path!r}: use 'bytes' or the path of a SentencePiece "
       ".model file (train one with scripts/train_tokenizer.py)")
 
@@ -164,7 +166,7 @@ def train_sentencepiece(texts: Iterable[Text], output_path: str, vocab_size: int
   """
   import sentencepiece as spm
   if not str(output_path).endswith(".model"):
-    raise ValueError(f"output_path must end in .model, got {output_path!r}")
+    raise DatasetError(f"output_path must end in .model, got {output_path!r}")
   os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(_lines(texts, max_bytes)),
