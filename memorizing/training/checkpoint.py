@@ -27,9 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-
-class CheckpointError(RuntimeError):
-  """A checkpoint cannot be used; the message names the cause."""
+from memorizing.errors import CheckpointError
+from memorizing.model.decoder import init_params
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -208,7 +207,6 @@ def _load_params(manager, directory: str, step: Optional[int]):
 def check_params_fit(model_config, params, source: str) -> None:
   """CheckpointError naming the first parameter of `params` that the model lacks or shapes
   differently (e.g. evaluating with a config other than the one trained)."""
-  from memorizing.decoder import init_params
   expected = jax.eval_shape(lambda: init_params(model_config, jax.random.PRNGKey(0)))
   _check_shapes(expected, params, source)
   missing = sorted(set(traverse_util.flatten_dict(expected, sep="/"))

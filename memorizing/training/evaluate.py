@@ -3,6 +3,10 @@
 Every target token of every evaluated document is counted once. Besides the
 total, perplexity is reported by the target's position inside its document
 (POSITION_BUCKETS), so the benefit of memory on long range is visible.
+
+The kNN backend is the caller's (passed in, or made for this evaluation and
+closed after it); the jitted step closes over it and lives as long as one
+`evaluate` call, so no compiled step outlives the state it was built with.
 """
 from __future__ import annotations
 
@@ -14,9 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memorizing import signals
-from memorizing.config import ModelConfig
-from memorizing.decoder import Decoder, init_carried_state
+from memorizing.errors import DatasetError
+from memorizing.knn import make_backend
+from memorizing.knn_api import KNNBackend
+from memorizing.model import signals
+from memorizing.model.config import ModelConfig
+from memorizing.model.decoder import Decoder, init_carried_state
 
 # Bucket edges in tokens: [0, 512), [512, 2048), [2048, 8192), [8192, inf).
 POSITION_BUCKETS = (0, 512, 2048, 8192)
@@ -30,10 +37,10 @@ def bucket_names(edges=POSITION_BUCKETS):
 
 
 def eval_step(params, carried, batch, positions, *, model_config: ModelConfig,
-              memory_signals: bool = False):
+              memory_signals: bool = False, backend: Optional[KNNBackend] = None):
   """-> carried, per-bucket [nll_sum, count] [num_buckets, 2] for one segment,
   and the memory signal sums ({} unless `memory_signals`)."""
-  (logits, carried), variables = Decoder(model_config).apply(
+  (logits, carried), variables = Decoder(model_config, backend).apply(
       {"params": params}, batch["tokens"], carried, batch["start_of_document"],
       mutable=["signals"] if memory_signals else [])
   logp = jax.nn.log_softmax(logits)
@@ -46,27 +53,34 @@ def eval_step(params, carried, batch, positions, *, model_config: ModelConfig,
   return carried, sums, signals.collect(variables)
 
 
-@functools.lru_cache(maxsize=16)
-def _jitted_eval_step(model_config: ModelConfig, memory_signals: bool):
-  """One jitted eval_step per model config, so repeated evaluations compile once."""
-  return jax.jit(functools.partial(eval_step, model_config=model_config,
-                                   memory_signals=memory_signals))
-
-
 def evaluate(model_config: ModelConfig, params, stream, tokenizer,
              max_segments: Optional[int] = None, progress: bool = False,
-             memory_signals: bool = True) -> Dict[str, float]:
+             memory_signals: bool = True,
+             backend: Optional[KNNBackend] = None) -> Dict[str, float]:
   """Streams `stream` (repeat=False) to its end; returns perplexity and friends.
 
   bits_per_byte divides the total nats by ln 2 and by the UTF-8 bytes of the
   target tokens, estimated with the tokenizer's bytes per token on the
-  evaluated documents.
+  evaluated documents. `backend` searches the memory; by default one is made
+  from `model_config` for this call and closed at its end.
   """
+  uses_memory = bool(model_config.memory_layers and model_config.memory_enabled)
+  own = backend is None and uses_memory
+  if own:
+    backend = make_backend(model_config)
+  try:
+    return _evaluate(model_config, params, stream, tokenizer, max_segments,
+                     memory_signals and uses_memory, backend)
+  finally:
+    if own:
+      backend.close()
+
+
+def _evaluate(model_config, params, stream, tokenizer, max_segments, memory_signals, backend):
   batch_rows = stream.rows
   carried = init_carried_state(model_config, batch_rows)
-  memory_signals = bool(memory_signals and model_config.memory_layers
-                        and model_config.memory_enabled)
-  step = _jitted_eval_step(model_config, memory_signals)
+  step = jax.jit(functools.partial(eval_step, model_config=model_config,
+                                   memory_signals=memory_signals, backend=backend))
   signal_sums = None
   offset = np.zeros((batch_rows,), np.int64)
   totals = np.zeros((len(POSITION_BUCKETS), 2), np.float64)
@@ -89,7 +103,7 @@ def evaluate(model_config: ModelConfig, params, stream, tokenizer,
   totals = _all_processes_sum(totals)
   nll, count = totals[:, 0].sum(), totals[:, 1].sum()
   if count == 0:
-    raise ValueError("evaluation saw no target tokens: the split is empty or every "
+    raise DatasetError("evaluation saw no target tokens: the split is empty or every "
                      "document is shorter than 2 tokens")
   docs = stream.documents
   sample = [docs[i] for i in range(min(len(docs), 32))]

@@ -12,7 +12,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from memorizing import signals
+from memorizing.model import signals
 
 
 def summarize(pending: List[Dict[str, Any]], bytes_per_token: float) -> Dict[str, Any]:

@@ -9,223 +9,38 @@ Sections, in the order they run:
   6. final evaluation with memory and with memory disabled
 
 `train_step(state, batch, rng) -> (state, metrics)` is one pure function,
-jitted once with donated state; metrics are sums plus a denominator.
+jitted once with donated state; metrics are sums plus a denominator. The run
+owns its kNN backend (`knn.make_backend(model_config)`) and passes it to the
+step, the evaluations and the resume; TrainConfig is in memorizing/model/config.py.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 import signal
 import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from memorizing import checkpoint as ckpt_lib
 from memorizing import knn
-from memorizing import evaluate as eval_lib
-from memorizing import metrics as metrics_lib
-from memorizing import signals as signals_lib
-from memorizing.config import ModelConfig
 from memorizing.data import pipeline, registry, tokenizers
-from memorizing.decoder import CarriedState, Decoder, carried_state_bytes, init_carried_state, init_params
+from memorizing.errors import ConfigError, DatasetError, Preempted, TrainingError
+from memorizing.knn_api import KNNBackend
+from memorizing.model.config import ModelConfig, TrainConfig
+from memorizing.model.decoder import carried_state_bytes, init_carried_state, init_params
+from memorizing.training import checkpoint as ckpt_lib
+from memorizing.training import evaluate as eval_lib
+from memorizing.training import metrics as metrics_lib
+from memorizing.training.step import (TrainState, learning_rate_multipliers,  # noqa: F401
+                                      learning_rate_schedule, loss_sums, make_optimizer,
+                                      param_path, train_step)
 
-
-class TrainingError(RuntimeError):
-  """A run cannot go on; the message says why and what is safe on disk."""
-
-
-class Preempted(TrainingError):
-  """SIGTERM arrived: the step in flight finished and a checkpoint was saved."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Everything about a run that is not the model (gin: `TrainConfig.x = ...`)."""
-  dataset: str = "python_stdlib"
-  data_dir: Optional[str] = None        # None: $MEMORIZING_DATA_DIR or ~/tensorflow_datasets
-  tokenizer: str = "bytes"              # "bytes" or a SentencePiece .model path
-  train_split: str = "train"
-  eval_split: str = "validation"
-  batch_size: int = 8                   # global rows (documents streamed in parallel)
-  eval_batch_size: int = 8
-  num_steps: int = 1000
-  optimizer: str = "adafactor"          # "adafactor" (paper) or "adamw"
-  schedule: str = "rsqrt"               # "rsqrt": linear warmup then rsqrt decay; "cosine"
-  learning_rate: float = 1.0            # rsqrt: lr * min(1, s/w) / sqrt(max(s, w)); adamw: peak
-  warmup_steps: int = 1000
-  weight_decay: float = 0.0
-  grad_clip_norm: float = 1.0           # 0 disables clipping
-  # Per-parameter learning-rate table: (regex, multiplier) pairs, matched with
-  # re.search against the parameter path ("block_4/attention/memory_gate"); the
-  # first match wins, unmatched parameters get 1, multiplier 0 freezes. With
-  # L2-normalised q and k, locality comes from the T5 bias, learned 100x faster
-  # (docs/results.md); the memory gate/bias are per-head scalars like it.
-  learning_rate_multipliers: Tuple[Tuple[str, float], ...] = (
-      ("relative_position_bias", 100.0), ("memory_gate|memory_bias", 100.0))
-  memory_signals: bool = True           # gate, memory mass, distances, similarity, recall
-  seed: int = 0
-  shuffle_documents: bool = True        # seeded order of whole documents (never inside one)
-  log_every: int = 50
-  eval_every: int = 0                   # 0: only at the end
-  eval_max_documents: int = 16
-  eval_max_document_tokens: int = 0     # >0: evaluate only each document's first N tokens
-  final_eval: bool = True               # evaluate with memory and with memory disabled at the end
-  checkpoint_every: int = 500           # 0: only at the end
-  keep_checkpoints: int = 3
-  save_carried_state: bool = True       # False: resume restarts each row at its next document
-  nan_policy: str = "stop"              # "stop" or "skip" (skip also drops that step's memory update)
-  multihost: bool = False               # call jax.distributed.initialize()
-  coordinator_address: Optional[str] = None   # multihost without a cluster manager:
-  num_processes: Optional[int] = None         #   "host:port", process count and this
-  process_id: Optional[int] = None            #   process's id (else auto-detected)
-  progress_bar: bool = True
-  prefetch: int = 2
-  device_memory_gib: float = 0.0        # per-device budget for the memory-fit check; 0: what
-                                        #   the device reports (on CPU: host RAM)
-
-  def __post_init__(self):
-    choices = {"optimizer": ("adafactor", "adamw"), "schedule": ("rsqrt", "cosine"),
-               "nan_policy": ("stop", "skip")}
-    for name, allowed in choices.items():
-      if getattr(self, name) not in allowed:
-        raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; choose one of {allowed}")
-    for name in ("batch_size", "eval_batch_size", "num_steps", "log_every", "keep_checkpoints"):
-      if getattr(self, name) <= 0:
-        raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
-    table = tuple(tuple(entry) for entry in self.learning_rate_multipliers)
-    for entry in table:
-      if len(entry) != 2 or not isinstance(entry[0], str):
-        raise ValueError("TrainConfig.learning_rate_multipliers holds (regex, multiplier) pairs, "
-                         f"got {entry!r}")
-      try:
-        re.compile(entry[0])
-      except re.error as e:
-        raise ValueError(f"TrainConfig.learning_rate_multipliers: bad regex {entry[0]!r}: {e}")
-      if not (isinstance(entry[1], (int, float)) and entry[1] >= 0):
-        raise ValueError(f"TrainConfig.learning_rate_multipliers: multiplier of {entry[0]!r} "
-                         f"must be a number >= 0, got {entry[1]!r}")
-    object.__setattr__(self, "learning_rate_multipliers", table)
-
-  def replace(self, **changes) -> "TrainConfig":
-    return dataclasses.replace(self, **changes)
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  carried: CarriedState
-
-
-# --- optimizer ---------------------------------------------------------------------
-def learning_rate_schedule(cfg: TrainConfig):
-  warmup = max(cfg.warmup_steps, 1)
-  if cfg.schedule == "rsqrt":
-    def schedule(step):
-      step = jnp.maximum(step.astype(jnp.float32) + 1.0, 1.0)
-      return cfg.learning_rate * jnp.minimum(1.0, step / warmup) * jax.lax.rsqrt(jnp.maximum(step, warmup))
-    return schedule
-  return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup,
-                                            max(cfg.num_steps, warmup + 1))
-
-
-def param_path(path) -> str:
-  """A pytree key path as "block_4/attention/memory_gate"."""
-  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
-def learning_rate_multipliers(params, table) -> Any:
-  """The multiplier of every parameter (a pytree like `params`) under `table`."""
-  def lookup(path, _):
-    name = param_path(path)
-    for pattern, mult in table:
-      if re.search(pattern, name):
-        return float(mult)
-    return 1.0
-  return jax.tree_util.tree_map_with_path(lookup, params)
-
-
-def scale_by_multipliers(table) -> optax.GradientTransformation:
-  """Multiplies each parameter's update by its multiplier (0 freezes it)."""
-  def init(params):
-    del params
-    return optax.EmptyState()
-
-  def update(updates, state, params=None):
-    mults = learning_rate_multipliers(updates, table)
-    return jax.tree_util.tree_map(lambda u, m: u if m == 1.0 else u * m, updates, mults), state
-
-  return optax.GradientTransformation(init, update)
-
-
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-  schedule = learning_rate_schedule(cfg)
-  if cfg.optimizer == "adafactor":
-    opt = optax.adafactor(learning_rate=schedule, weight_decay_rate=cfg.weight_decay or None)
-  else:
-    opt = optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay)
-  if cfg.learning_rate_multipliers:
-    opt = optax.chain(opt, scale_by_multipliers(cfg.learning_rate_multipliers))
-  if cfg.grad_clip_norm > 0:
-    opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), opt)
-  return opt
-
-
-# --- the step ----------------------------------------------------------------------
-def loss_sums(logits, targets, weights):
-  """Sum of weighted token cross-entropy (nats), and the weight sum."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  return jnp.sum(nll * weights), jnp.sum(weights)
-
-
-def _tree_select(pred, new, old):
-  return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
-
-
-def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
-               model_config: ModelConfig, optimizer: optax.GradientTransformation,
-               skip_nonfinite: bool, memory_signals: bool = False
-               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One optimizer step on one segment of each row; carries the memory forward."""
-  model = Decoder(model_config)
-  dropout_rng = jax.random.fold_in(rng, state.step)
-
-  def loss_fn(params):
-    (logits, carried), variables = model.apply(
-        {"params": params}, batch["tokens"], state.carried, batch["start_of_document"],
-        deterministic=False, train=True, rngs={"dropout": dropout_rng},
-        mutable=["signals"] if memory_signals else [])
-    loss_sum, weight = loss_sums(logits, batch["targets"], batch["weights"])
-    return loss_sum / jnp.maximum(weight, 1.0), (loss_sum, weight, carried,
-                                                 signals_lib.collect(variables))
-
-  (_, (loss_sum, weight, carried, sig)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
-  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, carried=carried)
-  if skip_nonfinite:
-    # A skipped step also drops its carried-state update: that already holds its keys.
-    new_state = _tree_select(finite, new_state, state.replace(step=state.step + 1))
-  metrics = {"loss_sum": loss_sum, "weight_sum": weight, "grad_norm_sum": grad_norm,
-             "steps": jnp.ones((), jnp.float32),
-             "nonfinite": (~finite).astype(jnp.float32),
-             "memory_fill_sum": metrics_lib.memory_fill(new_state.carried)}
-  if sig:
-    metrics["signals"] = jax.lax.stop_gradient(sig)
-  return new_state, metrics
+__all__ = ["Preempted", "TrainConfig", "TrainState", "TrainingError", "evaluate_params",
+           "make_optimizer", "train_and_evaluate", "train_step"]
 
 
 # --- sharding ----------------------------------------------------------------------
@@ -318,13 +133,13 @@ def make_stream(model_config: ModelConfig, cfg: TrainConfig, split: str, batch_s
       raise
     docs = []
   if len(docs) == 0:
-    raise registry.DatasetError(
+    raise DatasetError(
         f"split {split!r} of dataset {cfg.dataset!r} has no documents; prepare it again with "
         f"documents in that split:\n  "
         f"{registry.prepare_command(cfg.dataset, cfg.data_dir or registry.default_data_dir())}")
   tok = tokenizers.get_tokenizer(cfg.tokenizer)
   if tok.vocab_size > model_config.vocab_size:
-    raise ValueError(f"tokenizer {cfg.tokenizer!r} has {tok.vocab_size} ids but "
+    raise ConfigError(f"tokenizer {cfg.tokenizer!r} has {tok.vocab_size} ids but "
                      f"ModelConfig.vocab_size is {model_config.vocab_size}; raise vocab_size")
   stream = pipeline.DocumentStream(
       docs, tok, batch_size, model_config.segment_length,
@@ -335,15 +150,32 @@ def make_stream(model_config: ModelConfig, cfg: TrainConfig, split: str, batch_s
 
 
 def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str,
-                       init_from: Optional[str] = None) -> Dict[str, Any]:
-  """Trains, checkpoints, evaluates; returns the final metrics (also in workdir)."""
+                       init_from: Optional[str] = None,
+                       backend: Optional[KNNBackend] = None) -> Dict[str, Any]:
+  """Trains, checkpoints, evaluates; returns the final metrics (also in workdir).
+
+  `backend` searches the kNN memory in training and evaluation; by default the
+  run makes one (`knn.make_backend(model_config)`) and closes it at the end.
+  """
+  own = backend is None
+  if own:
+    backend = knn.make_backend(model_config)
+  try:
+    return _train_and_evaluate(model_config, cfg, workdir, init_from, backend)
+  finally:
+    if own and backend is not None:
+      backend.close()
+
+
+def _train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str,
+                        init_from: Optional[str], backend: Optional[KNNBackend]):
   # 1. devices, mesh ------------------------------------------------------------------
   if cfg.multihost and not jax.distributed.is_initialized():
     jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
   mesh = make_mesh()
   n_dev = len(jax.devices())
   if cfg.batch_size % n_dev:
-    raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} must be a multiple of the "
+    raise ConfigError(f"TrainConfig.batch_size={cfg.batch_size} must be a multiple of the "
                      f"{n_dev} devices (rows are split across devices)")
   workdir = ckpt_lib.check_workdir(workdir)
   check_fits_in_device_memory(model_config, cfg.batch_size, cfg)
@@ -386,7 +218,6 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
     stream.set_state(data_position)
   if has_carried and model_config.memory_layers and model_config.memory_enabled:
     # Host backends (ScaNN) rebuild their indices from the restored ring buffers.
-    backend = knn.get_backend(model_config.knn_backend, model_config.knn_options)
     for name, mem in state.carried.memory.items():
       backend.sync(int(name.rsplit("_", 1)[1]), True, mem)
   start_step = int(state.step)
@@ -403,7 +234,7 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
   step_fn = jax.jit(
       lambda s, b, r: train_step(s, b, r, model_config=model_config, optimizer=optimizer,
                                  skip_nonfinite=cfg.nan_policy == "skip",
-                                 memory_signals=cfg.memory_signals),
+                                 memory_signals=cfg.memory_signals, backend=backend),
       in_shardings=(shardings, None, None), out_shardings=(shardings, None), donate_argnums=0)
   batches = pipeline.Prefetch(stream, cfg.prefetch) if cfg.prefetch else stream
   pending, window_start, tokens_seen = [], time.time(), 0
@@ -455,7 +286,8 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
         raise Preempted(f"SIGTERM received: finished step {done}, saved checkpoint {done} in "
                         f"{manager.directory}; run the same command again to resume")
       if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.num_steps:
-        result = evaluate_params(model_config, cfg, state.params, cfg.eval_max_documents)
+        result = evaluate_params(model_config, cfg, state.params, cfg.eval_max_documents,
+                                 backend)
         logger.log(done, "eval", result)
   finally:
     stop.restore()
@@ -467,7 +299,8 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
   # 6. final evaluation ----------------------------------------------------------------
   if cfg.final_eval:
     eval_result = {
-        "with_memory": evaluate_params(model_config, cfg, state.params, cfg.eval_max_documents),
+        "with_memory": evaluate_params(model_config, cfg, state.params, cfg.eval_max_documents,
+                                       backend),
         "memory_disabled": evaluate_params(model_config.replace(memory_enabled=False), cfg,
                                            state.params, cfg.eval_max_documents),
     }
@@ -500,15 +333,17 @@ class _SigtermFlag:
 
 
 def evaluate_params(model_config: ModelConfig, cfg: TrainConfig, params,
-                    max_documents: Optional[int]) -> Dict[str, float]:
+                    max_documents: Optional[int],
+                    backend: Optional[KNNBackend] = None) -> Dict[str, float]:
   """Perplexity of `params` over whole documents of the evaluation split.
 
   Each process evaluates its own share of documents on its first local device;
-  the sums are combined across processes.
+  the sums are combined across processes. `backend`: the caller's kNN backend
+  (default: one made for this evaluation from `model_config`).
   """
   params = jax.tree_util.tree_map(
       lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, params)
   stream, _, tok = make_stream(model_config, cfg, cfg.eval_split, cfg.eval_batch_size,
                                train=False, max_documents=max_documents,
                                max_document_tokens=cfg.eval_max_document_tokens)
-  return eval_lib.evaluate(model_config, params, stream, tok)
+  return eval_lib.evaluate(model_config, params, stream, tok, backend=backend)
