@@ -13,24 +13,31 @@ model evaluated with several memory sizes) and, failing those, from the final
 directory's come from each point's results.json.
 
     python scripts/plot.py --workdir DIR      # or --sweep_dir DIR; writes DIR/plots/
+
+A sweep's one JSON of all results (sweep_results.json; the committed Table 4
+results in docs/results/ have the same layout) gives three more (`plot_results`):
+
+    python scripts/plot.py --results docs/results/repro_table4_h200_4000steps.json \
+        --out_dir docs/img --prefix repro_
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import math
 import os
 import re
+import sys
 from typing import Dict, List, Optional, Sequence
 
-from memorizing.evaluate import bucket_names
-
-
-class PlotError(RuntimeError):
-  """Nothing to plot, or matplotlib is missing; the message says which."""
+from memorizing.errors import PlotError
+from memorizing.tools import grid as grid_lib
+from memorizing.training.evaluate import bucket_names
 
 
 def _pyplot():
+  # Imported when a plot is drawn: matplotlib is an optional dependency ('.[plots]').
   try:
     import matplotlib
   except ImportError as e:
@@ -240,32 +247,32 @@ def plot_workdir(workdir: str, out_dir: Optional[str] = None) -> List[str]:
 
 
 def _axis_label(name: str, value: str) -> str:
-  from memorizing import sweep as sweep_lib
-  if name == sweep_lib.GIN_FILE_AXIS:   # ctx512_xl_mem8192.gin -> ctx512_xl: one line per row family
-    return re.sub(r"_?mem\d+", "", sweep_lib._slug(value)) or "mem"
-  return f"{sweep_lib.short_name(name)}={value}"
+  if name == grid_lib.GIN_FILE_AXIS:   # ctx512_xl_mem8192.gin -> ctx512_xl: one line per row family
+    return re.sub(r"_?mem\d+", "", grid_lib.slug(value)) or "mem"
+  return f"{grid_lib.short_name(name)}={value}"
 
 
 def plot_sweep(sweep_dir: str, out_dir: Optional[str] = None) -> List[str]:
   """The three plots of a sweep directory (made by memorizing-sweep) into out_dir."""
-  from memorizing import sweep as sweep_lib
   sweep_dir = os.path.abspath(os.path.expanduser(sweep_dir))
   spec_path = os.path.join(sweep_dir, "sweep.json")
   if not os.path.exists(spec_path):
     raise PlotError(f"{sweep_dir} has no sweep.json; is it a memorizing-sweep directory?")
   with open(spec_path) as f:
     spec = json.load(f)
-  grid = spec["grid"]
-  points = sweep_lib.expand(grid)
+  grid = dict(spec["grid"])
+  if spec.get("seeds"):
+    grid[grid_lib.SEED_AXIS] = [str(s) for s in spec["seeds"]]
+  points = grid_lib.expand(grid) if grid else []
   out_dir = out_dir or os.path.join(sweep_dir, "plots")
   os.makedirs(out_dir, exist_ok=True)
   runs, results = {}, {}
   for point in points:
-    name = sweep_lib.point_name(point)
+    name = grid_lib.point_name(point)
     workdir = os.path.join(sweep_dir, name)
     if os.path.isdir(workdir):
       runs[name] = workdir
-      res = sweep_lib.load_results(workdir)
+      res = grid_lib.load_results(workdir)
       if res:
         results[name] = (point, res)
   written = [_try(plot_training_curves, runs, os.path.join(out_dir, "training_curves.png"))
@@ -275,7 +282,7 @@ def plot_sweep(sweep_dir: str, out_dir: Optional[str] = None) -> List[str]:
     memory_axes = [n for n in grid if n.endswith("memory_size")]
     series: Dict[str, List[dict]] = {}
     for name, (point, res) in results.items():
-      main, off = sweep_lib.primary(res)
+      main, off = grid_lib.primary(res)
       other = [_axis_label(n, v) for n, v in point.items() if n not in memory_axes]
       label = ", ".join(other) or "sweep"
       series.setdefault(label, []).append(
@@ -293,18 +300,110 @@ def plot_sweep(sweep_dir: str, out_dir: Optional[str] = None) -> List[str]:
   return written
 
 
+def _result(job: dict, variant: str = "with_memory") -> Optional[dict]:
+  return (job.get("results") or {}).get(variant)
+
+
+def _label(name: str, job: dict) -> str:
+  return job.get("label") or name
+
+
+def plot_results(path: str, out_dir: str, prefix: str = "") -> List[str]:
+  """The plots of a sweep's one JSON of all results (sweep_results.json, or a
+  Table 4 file under docs/results/ in the same {"jobs": {name: job}} layout):
+
+  PREFIXppl_vs_memory.png    validation perplexity against the memory size: one
+                             line over the trained runs with a kNN memory, runs
+                             without one (memory size 0) as horizontal lines,
+                             fine-tuned runs and extra evaluations as markers;
+  PREFIXppl_by_position.png  perplexity by the target's position in its document,
+                             one line per trained run (fine-tunes dashed);
+  PREFIXtrain_loss.png       train loss per step of the runs trained from scratch.
+  """
+  try:
+    with open(path) as f:
+      jobs = json.load(f)["jobs"]
+  except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+    raise PlotError(f"{path}: not a results JSON with 'jobs' ({e})") from e
+  plt = _pyplot()
+  os.makedirs(out_dir, exist_ok=True)
+  trained = {n: j for n, j in jobs.items() if j.get("kind", "train") == "train"}
+  scratch = {n: j for n, j in trained.items() if not j.get("init_from")}
+  written = []
+
+  # Perplexity vs memory size.
+  fig, ax = plt.subplots(figsize=(5, 3.4))
+  line = sorted((r["memory_size"], r["perplexity"]) for r in
+                (_result(j) for j in scratch.values()) if r and r.get("memory_size"))
+  flat = [(n, r) for n, j in scratch.items() for r in [_result(j)]
+          if r and not r.get("memory_size")]
+  if line:
+    ax.plot([x for x, _ in line], [y for _, y in line], "o-",
+            label="trained and evaluated with that memory")
+  for i, (name, r) in enumerate(flat):
+    ax.axhline(r["perplexity"], color=f"C{i + 3}", ls=":",
+               label=f"{_label(name, jobs[name])} (no kNN memory)")
+  markers = [(n, j, r) for n, j in jobs.items() for r in [_result(j)]
+             if r and r.get("memory_size") and (j.get("kind") == "eval" or j.get("init_from"))]
+  for i, (name, job, r) in enumerate(markers):
+    ax.plot([r["memory_size"]], [r["perplexity"]], "s^Dv"[i % 4], label=_label(name, job))
+  if not (line or flat or markers):
+    plt.close(fig)
+    raise PlotError(f"{path}: no job has a perplexity")
+  ax.set_xscale("log", base=2)
+  ticks = sorted({x for x, _ in line} | {r["memory_size"] for _, _, r in markers})
+  ax.set_xticks(ticks, [str(x) for x in ticks])
+  ax.set_xlabel("kNN memory size (per row and head)")
+  ax.set_ylabel("validation perplexity")
+  written.append(_save(plt, fig, ax, os.path.join(out_dir, f"{prefix}ppl_vs_memory.png")))
+
+  # Perplexity by position.
+  fig, ax = plt.subplots(figsize=(5, 3.4))
+  buckets: List[str] = []
+  for name, job in trained.items():
+    r = _result(job) or _result(job, "memory_disabled")
+    if not r:
+      continue
+    buckets = [k[len("perplexity_"):] for k in r if k.startswith("perplexity_")]
+    ax.plot(range(len(buckets)), [r["perplexity_" + b] for b in buckets], marker="o",
+            label=_label(name, job), ls="--" if job.get("init_from") else "-")
+  ax.set_xticks(range(len(buckets)), buckets)
+  ax.set_xlabel("target position in its document (tokens)")
+  ax.set_ylabel("validation perplexity")
+  written.append(_save(plt, fig, ax, os.path.join(out_dir, f"{prefix}ppl_by_position.png")))
+
+  # Train loss.
+  fig, ax = plt.subplots(figsize=(5, 3.4))
+  for name, job in scratch.items():
+    log = job.get("train_log")
+    if log:
+      ax.plot([r["step"] for r in log], [r["loss"] for r in log], label=_label(name, job))
+  ax.set_xlabel("step")
+  ax.set_ylabel("train loss (nats per token)")
+  written.append(_save(plt, fig, ax, os.path.join(out_dir, f"{prefix}train_loss.png")))
+  return written
+
+
 def main(argv: Sequence[str]) -> int:
-  import argparse
-  import sys
   p = argparse.ArgumentParser(prog="plot.py", description=__doc__.split("\n\n")[0])
   group = p.add_mutually_exclusive_group(required=True)
   group.add_argument("--workdir", help="a training work directory")
   group.add_argument("--sweep_dir", help="a memorizing-sweep directory")
-  p.add_argument("--out_dir", default=None, help="default: DIR/plots")
+  group.add_argument("--results", help="a sweep's sweep_results.json (or a docs/results/ "
+                                       "Table 4 JSON)")
+  p.add_argument("--out_dir", default=None,
+                 help="default: DIR/plots (with --results: the JSON's folder)")
+  p.add_argument("--prefix", default="", help="--results: prefix of the PNG names")
   args = p.parse_args(list(argv))
   try:
-    written = (plot_workdir(args.workdir, args.out_dir) if args.workdir
-               else plot_sweep(args.sweep_dir, args.out_dir))
+    if args.results:
+      written = plot_results(args.results,
+                             args.out_dir or os.path.dirname(os.path.abspath(args.results)),
+                             args.prefix)
+    elif args.workdir:
+      written = plot_workdir(args.workdir, args.out_dir)
+    else:
+      written = plot_sweep(args.sweep_dir, args.out_dir)
   except PlotError as e:
     print(f"plot.py: error: {e}", file=sys.stderr)
     return 1

@@ -1,211 +1,293 @@
-"""`memorizing-sweep`: a grid over gin parameters, run point by point, one table.
+"""`memorizing-sweep`: the one experiment path. Train and evaluate a set of runs, one table, one JSON.
 
 A sweep is a base configuration (`--gin_file`, `--gin_param`) and a grid of
 axes, each a gin parameter and a list of values, from the command line
 
   --grid 'ModelConfig.memory_size=[1536,8192]' --grid 'ModelConfig.use_xl_cache=[True,False]'
 
-or from a YAML/JSON file (`--grid_file`):
+or from a YAML/JSON file (`--grid_file`; configs/experiments/repro_table4_small.yaml):
 
   gin_file: [quickstart.gin]          # optional: base files, added after --gin_file
   gin_param: ["TrainConfig.num_steps = 100"]
   grid:
     ModelConfig.memory_size: [1536, 8192]
     ModelConfig.use_xl_cache: [true, false]
+  seeds: [0, 1]                       # optional: every point and row once per seed
+  rows:                               # optional: runs beyond the grid
+    finetune:                         #   fine-tuned from another run's checkpoint
+      init_from: memory_size-1536_use_xl_cache-True
+      gin_param: ["TrainConfig.num_steps = 50", "ModelConfig.memory_size = 8192"]
+  evals:                              # optional: more evaluations of a finished run
+    big_memory:
+      of: memory_size-1536_use_xl_cache-True
+      gin_param: ["ModelConfig.memory_size = 65536"]
+      memory: "on"                    # both (default), on or off
 
-The axis named `gin_file` sweeps over whole gin files (e.g. the Table 4 rows in
-configs/experiments/). Values are gin literals: `'adamw'`, `(-4,)`, `True`;
-in a YAML/JSON file plain strings that are not literals are quoted for you.
+The axis named `gin_file` sweeps over whole gin files (e.g. memory/*.gin).
+Values are gin literals: `'adamw'`, `(-4,)`, `True`; in a YAML/JSON file
+plain strings that are not literals are quoted for you. `seeds` (or
+`--seeds 0,1`) adds the axis TrainConfig.seed; a row or eval then runs once
+per seed, named `NAME_seed-S`, and refers to the run of the same seed.
 
-Each point of the product gets a work directory `SWEEP_DIR/<axis-value_...>`
-and two commands: `memorizing-train` (TrainConfig.final_eval = False) and
-`memorizing-eval --output WORKDIR/results.json`. A point whose workdir holds
-results.json is done and is skipped; an interrupted point resumes from its
-checkpoint. Points run sequentially in this process (gin is cleared before
-each; the default) or as subprocesses (`--launcher subprocess`), or
-`--print_commands` prints one shell line per unfinished point for a cluster.
-At the end the results of every finished point are collected into
-SWEEP_DIR/results.csv and results.md (one row per point with its config) and
-plotted into SWEEP_DIR/plots/.
+Jobs, in this order: every grid point, then every row (`memorizing-train`
+with TrainConfig.final_eval = False, `--init_from SWEEP_DIR/<init_from>` for
+a fine-tune, then `memorizing-eval --output WORKDIR/results.json`, which
+evaluates with memory and with memory disabled), then every eval
+(`memorizing-eval --workdir SWEEP_DIR/<of> --output SWEEP_DIR/<of>/eval_<name>.json`).
+A job whose output exists is done and skipped; an interrupted run resumes from
+its checkpoint. `--only a,b` runs only those jobs. `--deadline_s T` is a time
+guard: a job that would not end T seconds after the sweep started (estimated
+from the jobs already run: seconds per training step, eval time) is skipped
+and recorded as such. Jobs run in this process (gin is cleared before each;
+the default) or as subprocesses (`--launcher subprocess`); `--print_commands`
+prints one shell line per unfinished job for a cluster.
+
+Collected at the end, from whatever is done: SWEEP_DIR/results.csv and
+results.md (one line per job with its config), SWEEP_DIR/sweep_results.json
+(every job: config, status, times, train log, results; plotted with
+`python scripts/plot.py --results SWEEP_DIR/sweep_results.json`) and the plots
+in SWEEP_DIR/plots/.
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
-import itertools
+import dataclasses
 import json
 import math
 import os
-import re
+import platform
 import shlex
 import subprocess
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import time
+from typing import Any, Dict, List, Optional, Sequence
 
-RESULTS_FILE = "results.json"
-POINT_FILE = "point.json"
-GIN_FILE_AXIS = "gin_file"
+import jax
 
+from memorizing.errors import PlotError, SweepError, UserError
+from memorizing.tools import commands, plots
+from memorizing.tools.gin_config import parse_gin
+from memorizing.tools.grid import (GIN_FILE_AXIS, POINT_FILE, RESULTS_FILE, SEED_AXIS,  # noqa: F401
+                                   expand, gin_literal, load_grid_file, load_results,
+                                   parse_grid_flag, point_name, primary, short_name, slug,
+                                   split_values)
+from memorizing.training.evaluate import bucket_names
 
-class SweepError(ValueError):
-  """A bad grid or sweep flag; the message names the cause and the fix."""
-
-
-# --- the grid ----------------------------------------------------------------------
-def split_values(text: str) -> List[str]:
-  """'[1, (2, 3), 'a,b']' -> ['1', '(2, 3)', "'a,b'"]: commas at depth 0, outside quotes."""
-  text = text.strip()
-  if text.startswith("[") and text.endswith("]"):
-    text = text[1:-1]
-  values, depth, quote, start = [], 0, None, 0
-  for i, ch in enumerate(text):
-    if quote:
-      if ch == quote:
-        quote = None
-    elif ch in "'\"":
-      quote = ch
-    elif ch in "([{":
-      depth += 1
-    elif ch in ")]}":
-      depth -= 1
-    elif ch == "," and depth == 0:
-      values.append(text[start:i].strip())
-      start = i + 1
-  values.append(text[start:].strip())
-  return [v for v in values if v]
+SWEEP_RESULTS = "sweep_results.json"
 
 
-def parse_grid_flag(flag: str) -> Tuple[str, List[str]]:
-  """'ModelConfig.memory_size=[1536,8192]' -> ('ModelConfig.memory_size', ['1536', '8192'])."""
-  if "=" not in flag:
-    raise SweepError(f"--grid {flag!r}: expected 'Name=[v1,v2,...]', e.g. "
-                     "'ModelConfig.memory_size=[1536,8192]'")
-  name, values = flag.split("=", 1)
-  name, values = name.strip(), split_values(values)
-  if not name or not values:
-    raise SweepError(f"--grid {flag!r}: needs a parameter name and at least one value")
-  return name, values
+@dataclasses.dataclass
+class Job:
+  """One unit of a sweep: a run to train and evaluate ("train"), or one more
+  evaluation of a run ("eval")."""
+  name: str
+  kind: str                                  # "train" or "eval"
+  files: List[str]                           # gin files (base + the job's own)
+  params: List[str]                          # gin bindings (base + the job's own)
+  axes: Dict[str, str]                       # grid point (empty for rows and evals)
+  workdir: str                               # the run's workdir (an eval's: its run's)
+  output: str                                # results.json, or eval_<name>.json
+  init_from: Optional[str] = None            # a train job's source run (name)
+  of: Optional[str] = None                   # an eval job's run (name)
+  memory: str = "both"
+
+  def commands(self, eval_params: Sequence[str], max_documents: Optional[int]):
+    """(train flags or None, eval flags)."""
+    ev = ["--workdir", self.workdir, "--output", self.output]
+    for p in list(eval_params) + (self.params if self.kind == "eval" else []):
+      ev += ["--gin_param", p]
+    if self.memory != "both":
+      ev += ["--memory", self.memory]
+    if max_documents is not None:
+      ev += ["--max_documents", str(max_documents)]
+    if self.kind == "eval":
+      return None, ev
+    tr = []
+    for f in self.files:
+      tr += ["--gin_file", f]
+    for p in self.params + ["TrainConfig.final_eval = False"]:
+      tr += ["--gin_param", p]
+    tr += ["--workdir", self.workdir]
+    if self.init_from:
+      tr += ["--init_from", os.path.join(os.path.dirname(self.workdir), self.init_from)]
+    return tr, ev
 
 
-def gin_literal(value: Any) -> str:
-  """A YAML/JSON value as gin text: bools, numbers, None, tuples; strings quoted
-  unless they already are a literal (`'adamw'`, `(-4,)`) or a reference (@, %)."""
-  if isinstance(value, bool) or value is None:
-    return repr(value)
-  if isinstance(value, (int, float)):
-    return repr(value)
-  if isinstance(value, (list, tuple)):
-    items = [gin_literal(v) for v in value]
-    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
-  text = str(value).strip()
-  if text.startswith(("@", "%")):
-    return text
-  try:
-    ast.literal_eval(text)
-    return text
-  except (ValueError, SyntaxError):
-    return repr(text)
+def _seeded(name: str, seed: Optional[int]) -> str:
+  return name if seed is None else f"{name}_seed-{seed}"
 
 
-def load_grid_file(path: str) -> Dict[str, Any]:
-  """{'gin_file': [...], 'gin_param': [...], 'grid': {name: [gin text, ...]}}."""
-  if not os.path.exists(path):
-    from memorizing.cli import CONFIG_DIR
-    if os.path.exists(os.path.join(CONFIG_DIR, path)):
-      path = os.path.join(CONFIG_DIR, path)
-    else:
-      raise SweepError(f"--grid_file {path!r} not found (looked in . and configs/)")
-  with open(path) as f:
-    text = f.read()
-  if path.endswith(".json"):
-    spec = json.loads(text)
-  else:
-    import yaml
-    spec = yaml.safe_load(text)
-  if not isinstance(spec, dict) or not isinstance(spec.get("grid", {}), dict):
-    raise SweepError(f"{path}: expected a mapping with 'grid: {{Name: [values]}}' and "
-                     "optional 'gin_file' and 'gin_param' lists")
-  unknown = set(spec) - {"gin_file", "gin_param", "grid"}
-  if unknown:
-    raise SweepError(f"{path}: unknown keys {sorted(unknown)}; allowed: gin_file, gin_param, grid")
-  grid = {}
-  for name, values in (spec.get("grid") or {}).items():
-    values = values if isinstance(values, list) else [values]
-    if name == GIN_FILE_AXIS:
-      grid[name] = [str(v) for v in values]
-    else:
-      grid[name] = [gin_literal(v) for v in values]
-  as_list = lambda v: [v] if isinstance(v, str) else list(v or [])
-  return {"gin_file": as_list(spec.get("gin_file")), "gin_param": as_list(spec.get("gin_param")),
-          "grid": grid}
+def plan(sweep_dir: str, base_files: List[str], base_params: List[str],
+         grid: Dict[str, List[str]], seeds: Sequence[int], rows: Dict[str, dict],
+         evals: Dict[str, dict]) -> List[Job]:
+  """Every job of the sweep, in run order."""
+  grid = dict(grid)
+  if seeds:
+    grid[SEED_AXIS] = [str(s) for s in seeds]
+  jobs: List[Job] = []
+  for point in (expand(grid) if grid else []):
+    name = point_name(point)
+    files = base_files + ([point[GIN_FILE_AXIS]] if GIN_FILE_AXIS in point else [])
+    params = base_params + [f"{n} = {v}" for n, v in point.items() if n != GIN_FILE_AXIS]
+    workdir = os.path.join(sweep_dir, name)
+    jobs.append(Job(name, "train", files, params, point, workdir,
+                    os.path.join(workdir, RESULTS_FILE)))
+  for seed in (list(seeds) or [None]):
+    seed_param = [] if seed is None else [f"{SEED_AXIS} = {seed}"]
+    for row, spec in rows.items():
+      name = _seeded(row, seed)
+      workdir = os.path.join(sweep_dir, name)
+      init_from = _seeded(spec["init_from"], seed) if spec.get("init_from") else None
+      jobs.append(Job(name, "train", base_files + spec["gin_file"],
+                      base_params + spec["gin_param"] + seed_param, {}, workdir,
+                      os.path.join(workdir, RESULTS_FILE), init_from=init_from))
+  for seed in (list(seeds) or [None]):
+    for ev, spec in evals.items():
+      name, of = _seeded(ev, seed), _seeded(spec["of"], seed)
+      workdir = os.path.join(sweep_dir, of)
+      jobs.append(Job(name, "eval", [], spec["gin_param"], {}, workdir,
+                      os.path.join(workdir, f"eval_{name}.json"), of=of, memory=spec["memory"]))
+  names = [j.name for j in jobs]
+  if len(set(names)) != len(names):
+    raise SweepError(f"two jobs share a name ({names}); make grid values and row names distinct")
+  known = {j.name for j in jobs if j.kind == "train"}
+  for j in jobs:
+    ref = j.init_from or j.of
+    if ref and ref not in known:
+      raise SweepError(f"{j.name} refers to {ref!r}, which is not a point or row of this sweep "
+                       f"(they are: {', '.join(sorted(known))})")
+  return jobs
 
 
-def short_name(name: str) -> str:
-  return name.rsplit(".", 1)[-1]
-
-
-def _slug(text: str) -> str:
-  text = re.sub(r"\.gin$", "", os.path.basename(text.strip("'\""))) if text.endswith(".gin") else text
-  return re.sub(r"[^A-Za-z0-9._+-]+", "", text.replace(",", "-")) or "none"
-
-
-def expand(grid: Dict[str, List[str]]) -> List[Dict[str, str]]:
-  """The product of the axes, in order (the last axis varies fastest)."""
-  names = list(grid)
-  return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
-
-
-def point_name(point: Dict[str, str]) -> str:
-  shorts = [short_name(n) for n in point]
-  use_short = len(set(shorts)) == len(shorts)
-  parts = []
-  for name, value in point.items():
-    key = short_name(name) if use_short else name
-    parts.append(_slug(value) if name == GIN_FILE_AXIS else f"{key}-{_slug(value)}")
-  return "_".join(parts) or "base"
-
-
-# --- commands -----------------------------------------------------------------------
-def train_args(base_files, base_params, point, workdir) -> List[str]:
-  args = []
-  for f in list(base_files) + ([point[GIN_FILE_AXIS]] if GIN_FILE_AXIS in point else []):
-    args += ["--gin_file", f]
-  bindings = list(base_params) + [f"{n} = {v}" for n, v in point.items() if n != GIN_FILE_AXIS]
-  for p in bindings + ["TrainConfig.final_eval = False"]:
-    args += ["--gin_param", p]
-  return args + ["--workdir", workdir]
-
-
-def eval_args(workdir, eval_params, max_documents) -> List[str]:
-  args = ["--workdir", workdir, "--output", os.path.join(workdir, RESULTS_FILE)]
-  for p in eval_params:
-    args += ["--gin_param", p]
-  if max_documents is not None:
-    args += ["--max_documents", str(max_documents)]
-  return args
-
-
-def shell_line(train: List[str], evaluate: List[str]) -> str:
+# --- running -------------------------------------------------------------------------
+def shell_line(train: Optional[List[str]], evaluate: List[str]) -> str:
   q = lambda args: " ".join(shlex.quote(a) for a in args)
-  return f"memorizing-train {q(train)} && memorizing-eval {q(evaluate)}"
+  ev = f"memorizing-eval {q(evaluate)}"
+  return f"memorizing-train {q(train)} && {ev}" if train is not None else ev
+
+
+def _call(which: str, args: List[str], launcher: str) -> int:
+  if launcher == "subprocess":
+    return subprocess.call([sys.executable, "-m", "memorizing.cli", which] + args)
+  command = commands.train_command if which == "train" else commands.eval_command
+  return commands.run(command, args)
+
+
+def train_log(workdir: str) -> List[dict]:
+  """The train records of a run's metrics.jsonl: step, loss, step time, bits per byte."""
+  return [{"step": r["step"], "loss": r["loss"], "step_time": r.get("step_time"),
+           "bits_per_byte": r.get("bits_per_byte")}
+          for r in plots.read_metrics(workdir) if r.get("kind") == "train" and "loss" in r]
+
+
+class TimeGuard:
+  """Skips a job that would not end before the deadline, estimated from the jobs run:
+  the slowest seconds per training step seen so far, and the slowest evaluation."""
+
+  def __init__(self, deadline_s: float, start: float):
+    self.deadline_s, self.start = deadline_s, start
+    self.per_step: List[float] = []
+    self.evals: List[float] = []
+
+  def record(self, train_s: Optional[float], steps: Optional[int], eval_s: Optional[float]):
+    if train_s is not None and steps:
+      self.per_step.append(train_s / steps)
+    if eval_s is not None:
+      self.evals.append(eval_s)
+
+  def refuse(self, job: Job, steps: Optional[int]) -> Optional[str]:
+    """Why `job` is skipped, or None."""
+    if not self.deadline_s:
+      return None
+    guess = None
+    if job.kind == "train" and self.per_step and steps:
+      guess = max(self.per_step) * steps + (max(self.evals) if self.evals else 0.0)
+    elif job.kind == "eval" and self.evals:
+      guess = max(self.evals)
+    elapsed = time.time() - self.start
+    if guess is not None and elapsed + guess > self.deadline_s:
+      return (f"time guard: {elapsed:.0f} s elapsed + ~{guess:.0f} s estimated > deadline "
+              f"{self.deadline_s:.0f} s")
+    if guess is None and elapsed > self.deadline_s:
+      return f"time guard: {elapsed:.0f} s elapsed > deadline {self.deadline_s:.0f} s"
+    return None
+
+
+def _num_steps(job: Job) -> Optional[int]:
+  try:
+    return parse_gin(job.files, job.params)[1].num_steps
+  except UserError:
+    return None          # the job itself will report the error
+
+
+def run_job(job: Job, args, guard: TimeGuard, record: Dict[str, Any], done: set) -> str:
+  """Runs one job; fills `record`; returns its status."""
+  train, evaluate = job.commands(args.eval_gin_param, args.max_documents)
+  ref = job.init_from or job.of
+  if ref and ref not in done:
+    record["skipped"] = f"needs {ref}, which has no results"
+    return "skipped"
+  steps = _num_steps(job) if job.kind == "train" else None
+  why = guard.refuse(job, steps)
+  if why:
+    record["skipped"] = why
+    print(f"[sweep] skip {job.name}: {why}", flush=True)
+    return "skipped"
+  print(f"  {shell_line(train, evaluate)}", flush=True)
+  os.makedirs(job.workdir, exist_ok=True)
+  train_s = eval_s = None
+  rc = 0
+  if train is not None:
+    with open(os.path.join(job.workdir, POINT_FILE), "w") as f:
+      json.dump({"point": job.axes, "name": job.name, "gin_file": job.files,
+                 "gin_param": job.params, "init_from": job.init_from}, f, indent=1)
+    t0 = time.time()
+    rc = _call("train", train, args.launcher)
+    train_s = time.time() - t0
+  if rc == 0:
+    t0 = time.time()
+    rc = _call("eval", evaluate, args.launcher)
+    eval_s = time.time() - t0
+  guard.record(train_s, steps, eval_s)
+  record.update({k: v for k, v in (("train_s", train_s), ("eval_s", eval_s)) if v is not None})
+  if rc == 0 and os.path.exists(job.output):
+    return "done"
+  record["error"] = f"exit {rc}"
+  print(f"[sweep] {job.name} failed (exit {rc}); going on with the next job", flush=True)
+  return f"failed (exit {rc})"
 
 
 # --- results -------------------------------------------------------------------------
-def load_results(workdir: str) -> Optional[dict]:
-  path = os.path.join(workdir, RESULTS_FILE)
+def _read(path: str) -> Optional[dict]:
   if not os.path.exists(path):
     return None
   with open(path) as f:
     return json.load(f)
 
 
-def primary(results: dict) -> Tuple[dict, Optional[dict]]:
-  """(the model's own evaluation, its memory-disabled evaluation or None)."""
-  r = results["results"]
-  if "with_memory" in r:
-    return r["with_memory"], r.get("memory_disabled")
-  return r["memory_disabled"], None
+def job_record(job: Job, status: str, extra: Dict[str, Any]) -> Dict[str, Any]:
+  """One job of sweep_results.json."""
+  rec: Dict[str, Any] = {"kind": job.kind, "status": status, "gin_files": job.files,
+                         "gin_params": job.params, "workdir": job.workdir}
+  if job.axes:
+    rec["point"] = job.axes
+  if job.init_from:
+    rec["init_from"] = job.init_from
+  if job.of:
+    rec["of"] = job.of
+  rec.update(extra)
+  if job.kind == "train" and os.path.isdir(job.workdir):
+    log = train_log(job.workdir)
+    if log:
+      rec["train_log"] = log
+      times = [r["step_time"] for r in log[1:] if r["step_time"]]   # the first holds compile
+      rec["step_time_s"] = sum(times) / len(times) if times else None
+  res = _read(job.output)
+  if res:
+    rec["checkpoint_step"] = res.get("checkpoint_step")
+    rec["results"] = res["results"]
+  return rec
 
 
 def _fmt(v) -> str:
@@ -214,19 +296,16 @@ def _fmt(v) -> str:
   return "" if v is None else str(v)
 
 
-def collect(sweep_dir: str, points: Sequence[Dict[str, str]], base_files, base_params,
+def collect(sweep_dir: str, jobs: Sequence[Job], base_files, base_params,
             status: Dict[str, str]) -> List[Dict[str, Any]]:
-  """One row per point: its axes, config, status and results; writes results.csv/.md."""
-  from memorizing.evaluate import bucket_names
+  """One line per job: its axes, config, status and results; writes results.csv/.md."""
   buckets = bucket_names()
   rows = []
-  for point in points:
-    name = point_name(point)
-    workdir = os.path.join(sweep_dir, name)
-    res = load_results(workdir)
-    row: Dict[str, Any] = {"point": name}
-    row.update({short_name(n) if n != GIN_FILE_AXIS else n: v for n, v in point.items()})
-    row["status"] = status.get(name, "done" if res else "not run")
+  for job in jobs:
+    res = _read(job.output)
+    row: Dict[str, Any] = {"point": job.name}
+    row.update({short_name(n) if n != GIN_FILE_AXIS else n: v for n, v in job.axes.items()})
+    row["status"] = status.get(job.name, "done" if res else "not run")
     if res:
       main, off = primary(res)
       row.update(step=res.get("checkpoint_step"), perplexity=main["perplexity"],
@@ -236,10 +315,14 @@ def collect(sweep_dir: str, points: Sequence[Dict[str, str]], base_files, base_p
       for b in buckets:
         row[f"ppl_{b}"] = main.get(f"perplexity_{b}")
         row[f"ppl_off_{b}"] = off.get(f"perplexity_{b}") if off else None
-    files = list(base_files) + ([point[GIN_FILE_AXIS]] if GIN_FILE_AXIS in point else [])
-    params = list(base_params) + [f"{n} = {v}" for n, v in point.items() if n != GIN_FILE_AXIS]
-    row["config"] = "; ".join([f"gin_file {f}" for f in files] + params)
-    row["workdir"] = workdir
+    config = [f"gin_file {f}" for f in job.files] + list(job.params)
+    if job.init_from:
+      config.append(f"init_from {job.init_from}")
+    if job.of:
+      config = [f"evaluation of {job.of}"] + config + ([f"memory {job.memory}"]
+                                                       if job.memory != "both" else [])
+    row["config"] = "; ".join(config)
+    row["workdir"] = job.workdir
     rows.append(row)
   columns: List[str] = []
   for row in rows:
@@ -269,45 +352,59 @@ def collect(sweep_dir: str, points: Sequence[Dict[str, str]], base_files, base_p
   return rows
 
 
-# --- running -------------------------------------------------------------------------
-def run_point(train: List[str], evaluate: List[str], launcher: str) -> int:
-  if launcher == "subprocess":
-    base = [sys.executable, "-m", "memorizing.cli"]
-    rc = subprocess.call(base + ["train"] + train)
-    return rc or subprocess.call(base + ["eval"] + evaluate)
-  from memorizing import cli
-  rc = cli.train_main(train)
-  return rc or cli.eval_main(evaluate)
+def write_sweep_results(sweep_dir: str, spec: dict, records: Dict[str, dict],
+                        start: float) -> str:
+  dev = jax.devices()[0]
+  report = {"sweep": spec,
+            "device": f"{len(jax.devices())} x {getattr(dev, 'device_kind', dev.platform)}",
+            "jax": jax.__version__, "python": platform.python_version(),
+            "elapsed_s": time.time() - start, "jobs": records}
+  path = os.path.join(sweep_dir, SWEEP_RESULTS)
+  with open(path + ".tmp", "w") as f:
+    json.dump(report, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return path
 
 
+# --- the command ---------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="memorizing-sweep",
-      description="Train and evaluate every point of a grid over gin parameters; skip finished "
-                  "points; collect results.csv, results.md and plots into --sweep_dir.")
-  p.add_argument("--sweep_dir", required=True, help="one workdir per point, plus the table")
+      description="Train and evaluate every point of a grid over gin parameters (plus rows and "
+                  "evaluations of a sweep file); skip finished jobs; collect results.csv, "
+                  "results.md, sweep_results.json and plots into --sweep_dir.")
+  p.add_argument("--sweep_dir", required=True, help="one workdir per run, plus the table")
   p.add_argument("--gin_file", action="append", default=[], help="base gin file (repeatable)")
   p.add_argument("--gin_param", action="append", default=[], help="base gin binding (repeatable)")
   p.add_argument("--grid", action="append", default=[],
                  help="axis 'Name=[v1,v2]' (repeatable; Name 'gin_file' sweeps gin files)")
-  p.add_argument("--grid_file", default=None, help="YAML or JSON: gin_file, gin_param, grid")
+  p.add_argument("--grid_file", default=None,
+                 help="YAML or JSON: gin_file, gin_param, grid, seeds, rows, evals")
+  p.add_argument("--seeds", default=None, help="comma-separated seeds: TrainConfig.seed axis")
   p.add_argument("--eval_gin_param", action="append", default=[],
                  help="binding for evaluation only, e.g. a larger 'ModelConfig.memory_size = 65536'")
   p.add_argument("--max_documents", type=int, default=None,
                  help="evaluate the first N documents of the split (default: all)")
+  p.add_argument("--only", action="append", default=[],
+                 help="run only these jobs (comma-separated names; repeatable)")
+  p.add_argument("--deadline_s", type=float, default=0,
+                 help="time guard: skip a job that would end later than this many seconds "
+                      "after the start (0: none)")
   p.add_argument("--launcher", choices=("inprocess", "subprocess"), default="inprocess")
   p.add_argument("--print_commands", action="store_true",
-                 help="print one shell line per unfinished point (for a cluster) and exit")
+                 help="print one shell line per unfinished job (for a cluster) and exit")
   p.add_argument("--collect_only", action="store_true",
-                 help="run nothing: collect the table and plots of finished points")
+                 help="run nothing: collect the table, JSON and plots of finished jobs")
   p.add_argument("--no_plots", action="store_true")
   return p
 
 
 def main(argv: Sequence[str]) -> int:
+  start = time.time()
   args = build_parser().parse_args(list(argv))
   base_files, base_params = list(args.gin_file), list(args.gin_param)
   grid: Dict[str, List[str]] = {}
+  spec = {"seeds": [], "rows": {}, "evals": {}}
   if args.grid_file:
     spec = load_grid_file(args.grid_file)
     base_files += spec["gin_file"]
@@ -316,64 +413,70 @@ def main(argv: Sequence[str]) -> int:
   for flag in args.grid:
     name, values = parse_grid_flag(flag)
     grid[name] = values
-  if not grid:
+  seeds = spec["seeds"]
+  if args.seeds:
+    try:
+      seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError as e:
+      raise SweepError(f"--seeds {args.seeds!r}: expected integers such as 0,1,2") from e
+  if not grid and not spec["rows"]:
     raise SweepError("no grid: give --grid 'Name=[v1,v2]' (repeatable) or --grid_file FILE")
-  points = expand(grid)
-  names = [point_name(p) for p in points]
-  if len(set(names)) != len(names):
-    raise SweepError(f"two grid points share a directory name ({names}); make values distinct")
   sweep_dir = os.path.abspath(os.path.expanduser(args.sweep_dir))
+  jobs = plan(sweep_dir, base_files, base_params, grid, seeds, spec["rows"], spec["evals"])
+  only = {n.strip() for flag in args.only for n in flag.split(",") if n.strip()}
+  unknown = only - {j.name for j in jobs}
+  if unknown:
+    raise SweepError(f"--only {', '.join(sorted(unknown))}: no such job; the jobs are "
+                     f"{', '.join(j.name for j in jobs)}")
   os.makedirs(sweep_dir, exist_ok=True)
+  sweep_spec = {"gin_file": base_files, "gin_param": base_params, "grid": grid,
+                "seeds": seeds, "rows": spec["rows"], "evals": spec["evals"],
+                "eval_gin_param": args.eval_gin_param, "max_documents": args.max_documents}
   with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
-    json.dump({"gin_file": base_files, "gin_param": base_params, "grid": grid,
-               "eval_gin_param": args.eval_gin_param, "max_documents": args.max_documents},
-              f, indent=1)
+    json.dump(sweep_spec, f, indent=1)
 
   status: Dict[str, str] = {}
+  extra: Dict[str, Dict[str, Any]] = {j.name: {} for j in jobs}
   todo = []
-  for point, name in zip(points, names):
-    workdir = os.path.join(sweep_dir, name)
-    cmds = (train_args(base_files, base_params, point, workdir),
-            eval_args(workdir, args.eval_gin_param, args.max_documents))
-    if load_results(workdir) is not None:
-      status[name] = "done (skipped)"
-      print(f"[sweep] {name}: done, skipped", flush=True)
-    else:
-      todo.append((point, name, workdir, cmds))
+  for job in jobs:
+    if os.path.exists(job.output):
+      status[job.name] = "done (skipped)"
+      print(f"[sweep] {job.name}: done, skipped", flush=True)
+    elif not only or job.name in only:
+      todo.append(job)
 
   if args.print_commands:
-    for _, _, _, (train, evaluate) in todo:
-      print(shell_line(train, evaluate))
-    print(f"# {len(todo)} of {len(points)} points to run; afterwards collect with: "
+    for job in todo:
+      print(shell_line(*job.commands(args.eval_gin_param, args.max_documents)))
+    print(f"# {len(todo)} of {len(jobs)} jobs to run; afterwards collect with: "
           f"memorizing-sweep {' '.join(shlex.quote(a) for a in argv if a != '--print_commands')}"
           " --collect_only", file=sys.stderr)
     return 0
 
+  records = lambda: {j.name: job_record(j, status.get(j.name, "not run"), extra[j.name])
+                     for j in jobs}
   failed = 0
   if not args.collect_only:
-    for i, (point, name, workdir, (train, evaluate)) in enumerate(todo):
-      print(f"[sweep] point {i + 1}/{len(todo)}: {name}\n  {shell_line(train, evaluate)}",
-            flush=True)
-      os.makedirs(workdir, exist_ok=True)
-      with open(os.path.join(workdir, POINT_FILE), "w") as f:
-        json.dump({"point": point, "gin_file": base_files, "gin_param": base_params}, f, indent=1)
-      rc = run_point(train, evaluate, args.launcher)
-      if rc == 0 and load_results(workdir) is not None:
-        status[name] = "done"
-      else:
-        status[name] = f"failed (exit {rc})"
+    guard = TimeGuard(args.deadline_s, start)
+    done = {j.name for j in jobs if os.path.exists(j.output)}
+    for i, job in enumerate(todo):
+      print(f"[sweep] point {i + 1}/{len(todo)}: {job.name}", flush=True)
+      status[job.name] = run_job(job, args, guard, extra[job.name], done)
+      if status[job.name] == "done":
+        done.add(job.name)
+      elif status[job.name].startswith("failed"):
         failed += 1
-        print(f"[sweep] {name} failed (exit {rc}); going on with the next point", flush=True)
+      write_sweep_results(sweep_dir, sweep_spec, records(), start)
 
-  rows = collect(sweep_dir, points, base_files, base_params, status)
-  done = sum(1 for r in rows if "perplexity" in r)
-  print(f"[sweep] {done}/{len(rows)} points have results: "
-        f"{os.path.join(sweep_dir, 'results.md')} and results.csv", flush=True)
-  if not args.no_plots and done:
-    from memorizing import plots
+  rows = collect(sweep_dir, jobs, base_files, base_params, status)
+  path = write_sweep_results(sweep_dir, sweep_spec, records(), start)
+  finished = sum(1 for r in rows if "perplexity" in r)
+  print(f"[sweep] {finished}/{len(rows)} jobs have results: "
+        f"{os.path.join(sweep_dir, 'results.md')}, results.csv and {path}", flush=True)
+  if not args.no_plots and finished:
     try:
       written = plots.plot_sweep(sweep_dir)
       print(f"[sweep] plots: {', '.join(written)}", flush=True)
-    except plots.PlotError as e:
+    except PlotError as e:
       print(f"[sweep] no plots: {e}", file=sys.stderr)
   return 1 if failed else 0

@@ -1,0 +1,44 @@
+"""Console entry points: memorizing-train, memorizing-eval, memorizing-sweep.
+
+Also `python -m memorizing.cli train|eval|sweep [flags]`. The commands are in
+memorizing/tools/ (commands.py, sweep.py); user errors are reported there.
+"""
+from __future__ import annotations
+
+import sys
+
+from memorizing.tools import commands, sweep
+
+# Kept here for callers of the old names.
+CONFIG_DIR = commands.CONFIG_DIR
+OPERATIVE_CONFIG = commands.OPERATIVE_CONFIG
+parse_gin = commands.parse_gin
+
+
+def _argv(argv):
+  return sys.argv[1:] if argv is None else list(argv)
+
+
+def train_main(argv=None) -> int:
+  return commands.run(commands.train_command, _argv(argv))
+
+
+def eval_main(argv=None) -> int:
+  return commands.run(commands.eval_command, _argv(argv))
+
+
+def sweep_main(argv=None) -> int:
+  return commands.run(sweep.main, _argv(argv))
+
+
+def main(argv=None) -> int:
+  argv = _argv(argv)
+  entry_points = {"train": train_main, "eval": eval_main, "sweep": sweep_main}
+  if not argv or argv[0] not in entry_points:
+    print(f"usage: python -m memorizing.cli {{{'|'.join(entry_points)}}} [flags]", file=sys.stderr)
+    return 2
+  return entry_points[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+  sys.exit(main())

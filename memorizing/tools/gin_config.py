@@ -1,0 +1,56 @@
+"""Gin at the edge: the configurable names and the parsing of gin files and bindings.
+
+Reading a config imports the configs (memorizing/model/config.py) and gin only:
+no training code, no TFDS. Gin files are searched in the working directory,
+then in the project's configs/ folder.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import List, Optional
+
+import gin
+
+from memorizing.errors import UsageError, UserError
+from memorizing.model.config import ModelConfig, TrainConfig
+
+CONFIG_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+
+# Registered once, by these names: gin files bind `ModelConfig.x` and `TrainConfig.x`.
+_GIN_MODEL_CONFIG = gin.external_configurable(ModelConfig, "ModelConfig")
+_GIN_TRAIN_CONFIG = gin.external_configurable(TrainConfig, "TrainConfig")
+
+
+def find_config(path: str) -> Optional[str]:
+  """`path` as given if it exists, else under configs/, else None."""
+  if os.path.exists(path):
+    return path
+  in_configs = os.path.join(CONFIG_DIR, path)
+  return in_configs if os.path.exists(in_configs) else None
+
+
+def parse_gin(gin_files: List[str], gin_params: List[str], before: Optional[str] = None):
+  """Parses gin files and bindings; returns (ModelConfig, TrainConfig)."""
+  gin.clear_config()
+  gin.add_config_file_search_path(os.getcwd())
+  gin.add_config_file_search_path(CONFIG_DIR)
+  files = ([before] if before else []) + list(gin_files)
+  for f in files:
+    if find_config(f) is None:
+      raise UsageError(f"gin file {f!r} not found in . or {CONFIG_DIR}")
+  root = logging.getLogger()
+  level = root.level
+  root.setLevel(logging.CRITICAL)   # gin logs every search-path miss as an error
+  try:
+    gin.parse_config_files_and_bindings(files, gin_params, finalize_config=False)
+    model_config, train_config = _GIN_MODEL_CONFIG(), _GIN_TRAIN_CONFIG()
+  except UserError:
+    raise                            # a config value names its own field
+  except (ValueError, KeyError, TypeError, IOError, SyntaxError) as e:
+    # Raised by gin's parser for a bad file or binding: the user's text is at fault.
+    raise UsageError(f"gin configuration error: {str(e).splitlines()[0]}") from e
+  finally:
+    root.setLevel(level)
+  return model_config, train_config
