@@ -51,3 +51,7 @@ class SweepError(UsageError, ValueError):
 
 class PlotError(UserError, RuntimeError):
   """Nothing to plot, or matplotlib is missing."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+  """A file the configuration names (a SentencePiece model, a source) does not exist."""

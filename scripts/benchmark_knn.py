@@ -3,7 +3,7 @@
 One lookup = B rows x H heads x Q queries over N keys of dim D, k neighbours
 (default 8 x 8 x 512 over 65536 x 128, k = 32: one memory layer, one step of
 the paper's setup). Keys and queries come from
-memorizing.knn.device.synthetic_memory (topic clusters plus positional
+memorizing.knn.synthetic.synthetic_memory (topic clusters plus positional
 locality; see docs/knn.md).
 
 Rows timed:
@@ -31,8 +31,8 @@ import numpy as np
 import jax.numpy as jnp
 
 from memorizing import knn
-from memorizing import memory as M
-from memorizing.knn import device
+from memorizing.model import memory as M
+from memorizing.knn import device, pallas_buckets, synthetic
 from memorizing.knn.exact import ExactBackend
 
 # (label, DeviceBackend options); pallas rows only run on GPU.
@@ -110,7 +110,7 @@ def _search_fn(opts, k):
   """(jitted search, backend or None); packed="max" runs the floor kernel directly."""
   if opts.get("packed") == "max":
     o = dict(opts)
-    fn = lambda qq, m: device._buckets_pallas(
+    fn = lambda qq, m: pallas_buckets.buckets_pallas(
         qq, m.keys, m.count, o["num_buckets"], k, jnp.bfloat16, o["block_q"], o["num_warps"],
         o["num_stages"], False, "max", "sort", o["grid_order"], o.get("chunk"))
     return jax.jit(fn), None
@@ -157,7 +157,7 @@ def bench_size(args, n: int, rows: list):
     keys, queries = jnp.asarray(captured["keys"]), jnp.asarray(captured["queries"])
     count = jnp.asarray(captured["count"], jnp.int32)
   else:
-    keys, queries = device.synthetic_memory(jax.random.PRNGKey(0), b, h, n, q, d)
+    keys, queries = synthetic.synthetic_memory(jax.random.PRNGKey(0), b, h, n, q, d)
     count = jnp.full((b,), n, jnp.int32)
   mem = M.MemoryState(keys=keys, values=keys, pointer=jnp.zeros((b,), jnp.int32), count=count)
   mem = jax.block_until_ready(mem)
@@ -190,7 +190,7 @@ def bench_size(args, n: int, rows: list):
       try:
         fn, be = _search_fn(opts, k)
         i, v = fn(queries, mem)
-        r = device.recall(i, v, ei, ev) if be else None
+        r = synthetic.recall(i, v, ei, ev) if be else None
         ms = time_fn(fn, queries, mem, repeats=args.repeats)
         rows.append(dict(common, backend="device", config=label, options=opts,
                          resolved_impl=be.resolved_impl(d, k) if be else "pallas", ms=ms,
@@ -226,12 +226,12 @@ def bench_scann(args, common, mem, queries, keys, k, rows):
   rng = jax.random.PRNGKey(7)
   for s in range(args.scann_steps):
     # The next segment: fresh structured keys (queries of the step after).
-    _, new = device.synthetic_memory(jax.random.fold_in(rng, s), b, h, 0, q, d)
+    _, new = synthetic.synthetic_memory(jax.random.fold_in(rng, s), b, h, 0, q, d)
     t = time.perf_counter()
     mem, (i, v, ei, ev) = step(mem, queries, new)
     jax.block_until_ready(i)
     total.append((time.perf_counter() - t) * 1e3)
-    recalls.append(device.recall(i, v, ei, ev))
+    recalls.append(synthetic.recall(i, v, ei, ev))
     search.append(be.last_timing["search_s"] * 1e3)
     insert.append(be.last_timing["insert_s"] * 1e3)
     queries = new

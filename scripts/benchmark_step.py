@@ -1,6 +1,6 @@
 """Benchmark of one training step: baseline (no kNN layer) vs kNN memory sizes and backends.
 
-Runs warm-up then timed `memorizing.train.train_step` calls (the trainer's own
+Runs warm-up then timed `memorizing.training.step.train_step` calls (the trainer's own
 step: forward, backward, Adafactor update, carried-state update) on synthetic
 batches that already sit on the device, with the state donated and no host
 sync inside the timed loop. The memory is full (count = size, random unit
@@ -44,42 +44,29 @@ import statistics
 import sys
 import time
 import traceback
-import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
 
-from memorizing import layers
-from memorizing.config import ModelConfig
-from memorizing.decoder import count_params, init_carried_state, init_params
-from memorizing.layers import l2_normalize
+from memorizing import knn
+from memorizing.model import layers
+from memorizing.model.config import ModelConfig, TrainConfig
+from memorizing.model.decoder import count_params, init_carried_state, init_params, layer_name
+from memorizing.model.layers import l2_normalize
+from memorizing.training.step import TrainState, make_optimizer, train_step
 
 H200_PEAK_BF16 = 989.4e12
 
 
 def import_train():
-  """(train_step, TrainState, make_optimizer, TrainConfig) of memorizing.train.
+  """(train_step, TrainState, make_optimizer, TrainConfig): the trainer's own step.
 
-  memorizing.train imports the data pipeline, which needs tensorflow_datasets
-  at import time. The benchmark feeds synthetic batches, so where that package
-  is missing (the GPU machine) empty stand-ins for memorizing.data's modules
-  let the import pass; nothing here calls them.
+  memorizing.training.step imports the model only (no data pipeline, no TFDS),
+  so this runs where tensorflow_datasets is missing (the GPU machine).
   """
-  try:
-    import tensorflow_datasets  # noqa: F401
-  except ImportError:
-    for name in ("memorizing.data", "memorizing.data.pipeline", "memorizing.data.registry",
-                 "memorizing.data.tokenizers"):
-      sys.modules.setdefault(name, types.ModuleType(name))
-    pkg = sys.modules["memorizing.data"]
-    for sub in ("pipeline", "registry", "tokenizers"):
-      setattr(pkg, sub, sys.modules[f"memorizing.data.{sub}"])
-    print("[benchmark_step] tensorflow_datasets missing: memorizing.data stubbed out "
-          "(synthetic batches only)", flush=True)
-  from memorizing import train
-  return train.train_step, train.TrainState, train.make_optimizer, train.TrainConfig
+  return train_step, TrainState, make_optimizer, TrainConfig
 
 
 # --- configurations -------------------------------------------------------------------
@@ -97,8 +84,8 @@ def base_config(args) -> ModelConfig:
       gin = None
       print("[benchmark_step] gin is not importable here; using the preset", flush=True)
     if gin is not None:
-      from memorizing import cli
-      cfg, _ = cli.parse_gin(args.gin_file, [])
+      from memorizing.tools import gin_config  # gin is optional on the GPU machine
+      cfg, _ = gin_config.parse_gin(args.gin_file, [])
       cfg = cfg.replace(dtype=args.dtype)
   over = {}
   for name in ("num_layers", "d_model", "segment_length", "num_neighbors"):
@@ -199,9 +186,8 @@ def synthetic_batches(cfg: ModelConfig, batch: int, n: int):
 # --- one run ---------------------------------------------------------------------------
 def run_one(run, args, params_cache, train_mod):
   train_step, TrainState, make_optimizer, TrainConfig = train_mod
-  cfg = run["config"]
-  layers.set_attention_implementation(run["attention"] or args.best_attention)
-  attention = layers.attention_implementation(cfg.compute_dtype)
+  cfg = run["config"].replace(attention=run["attention"] or args.best_attention)
+  attention = layers.attention_implementation(cfg.attention, cfg.compute_dtype)
   batch = args.batch
   result = dict(name=run["name"], kind=run["kind"], attention=attention, dtype=cfg.dtype,
                 knn_backend=cfg.knn_backend if cfg.memory_layers else None,
@@ -245,18 +231,16 @@ def run_one(run, args, params_cache, train_mod):
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=optimizer.init(params),
                      carried=filled_carried(cfg, batch, args.seed))
+  backend = knn.make_backend(cfg)      # this run's own; closed at its end
   if cfg.memory_layers and cfg.knn_backend == "scann":
     # The host index mirrors the device ring buffer; the memory was filled
     # outside the model, so the host copy is rebuilt from it first.
-    from memorizing import knn
-    from memorizing.decoder import layer_name
-    backend = knn.get_backend(cfg.knn_backend, cfg.knn_options)
     for i in cfg.memory_layer_set:
       backend.sync(layer=i, train=True, memory=state.carried.memory[layer_name(i)])
   batches = synthetic_batches(cfg, batch, 4)
   rng = jax.random.PRNGKey(1)
   fn = jax.jit(functools.partial(train_step, model_config=cfg, optimizer=optimizer,
-                                 skip_nonfinite=False), donate_argnums=0)
+                                 skip_nonfinite=False, backend=backend), donate_argnums=0)
   t = time.perf_counter()
   compiled = fn.lower(state, batches[0], rng).compile()
   result["compile_s"] = time.perf_counter() - t
@@ -296,6 +280,8 @@ def run_one(run, args, params_cache, train_mod):
                 loss_first=loss0, loss_last=float(metrics["loss_sum"] / metrics["weight_sum"]),
                 process_peak_bytes=(stats or {}).get("peak_bytes_in_use"))
   del state, compiled
+  if backend is not None:
+    backend.close()
   return result
 
 

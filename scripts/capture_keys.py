@@ -9,15 +9,18 @@ override it); documents are read from the evaluation split in order.
 """
 import argparse
 import os
+import sys
 
 import numpy as np
 
-from memorizing import checkpoint, cli
 from memorizing.knn import capture
-from memorizing.train import make_stream
+from memorizing.tools import commands
+from memorizing.tools.gin_config import parse_gin
+from memorizing.training import checkpoint
+from memorizing.training.train import make_stream
 
 
-def main():
+def main(argv):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True)
@@ -27,10 +30,10 @@ def main():
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--layer", type=int, default=None)
   parser.add_argument("--output", required=True)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   workdir = os.path.abspath(os.path.expanduser(args.workdir))
-  operative = os.path.join(workdir, cli.OPERATIVE_CONFIG)
-  model_config, train_config = cli.parse_gin(
+  operative = os.path.join(workdir, commands.OPERATIVE_CONFIG)
+  model_config, train_config = parse_gin(
       args.gin_file, args.gin_param, before=operative if os.path.exists(operative) else None)
   params, step = checkpoint.load_params(workdir)
   checkpoint.check_params_fit(model_config, params, f"checkpoint {step} in {workdir}")
@@ -40,7 +43,8 @@ def main():
   np.savez(args.output, **out)
   print(f"captured keys {out['keys'].shape} (filled {out['count'].tolist()}) and queries "
         f"{out['queries'].shape} from checkpoint {step} into {args.output}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(commands.run(main, sys.argv[1:]))

@@ -7,8 +7,8 @@ import dataclasses
 
 import jax
 
-from memorizing.config import ModelConfig
-from memorizing.decoder import count_params, init_params
+from memorizing.model.config import ModelConfig
+from memorizing.model.decoder import count_params, init_params
 
 
 def main():

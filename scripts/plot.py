@@ -5,7 +5,7 @@
 """
 import sys
 
-from memorizing import plots
+from memorizing.tools import plots
 
 if __name__ == "__main__":
   sys.exit(plots.main(sys.argv[1:]))

@@ -18,7 +18,7 @@ import os
 import sys
 
 from memorizing.data import registry, stats
-from memorizing.data.official import SourceUnavailableError
+from memorizing.errors import UserError
 from memorizing.data.tokenizers import get_tokenizer
 
 
@@ -68,7 +68,7 @@ def main(argv=None):
         docs = registry.load_documents(args.name, split, data_dir)
         lengths[split] = [len(tokenizer.encode(docs[i])) for i in range(len(docs))]
       print(stats.corpus_summary(args.name, lengths, os.path.basename(args.tokenizer)))
-  except (registry.DatasetError, SourceUnavailableError, ValueError, FileNotFoundError) as e:
+  except UserError as e:   # a bug keeps its traceback
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

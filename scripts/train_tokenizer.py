@@ -13,6 +13,7 @@ import sys
 
 from memorizing.data import registry
 from memorizing.data.tokenizers import train_sentencepiece
+from memorizing.errors import MissingFileError, UserError
 
 
 def main(argv=None):
@@ -32,7 +33,7 @@ def main(argv=None):
     if args.input:
       files = sorted(glob.glob(os.path.expanduser(args.input), recursive=True))
       if not files:
-        raise FileNotFoundError(f"no files match {args.input!r}")
+        raise MissingFileError(f"no files match {args.input!r}")
       texts = (open(f, "rb").read() for f in files)
       heldout = [open(files[-1], "rb").read()]
     else:
@@ -41,7 +42,7 @@ def main(argv=None):
       heldout = list(registry.load_documents(args.dataset, "validation", args.data_dir)[:4])
     tokenizer = train_sentencepiece(texts, args.output, args.vocab_size, model_type=args.model_type,
                                     max_sentences=args.max_sentences, max_bytes=args.max_bytes)
-  except (registry.DatasetError, FileNotFoundError, ValueError, RuntimeError) as e:
+  except UserError as e:   # a bug keeps its traceback
     print(f"error: {e}", file=sys.stderr)
     return 1
   exact = all(tokenizer.decode(tokenizer.encode(t)) == t.decode("utf-8", "replace") for t in heldout)

@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memorizing.config import ConfigError, ModelConfig
-from memorizing.decoder import Decoder, count_params, init_carried_state, init_params
+from memorizing import knn
+from memorizing.model.config import ConfigError, ModelConfig
+from memorizing.model.decoder import Decoder, count_params, init_carried_state, init_params
 from tests import reference
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -20,7 +21,7 @@ def run_segments(config, params, tokens, starts):
   b, total = tokens.shape
   length = config.segment_length
   state = init_carried_state(config, b)
-  apply = jax.jit(lambda p, t, st, start: Decoder(config).apply({"params": p}, t, st, start))
+  apply = jax.jit(lambda p, t, st, start: Decoder(config, knn.make_backend(config)).apply({"params": p}, t, st, start))
   out = []
   for s in range(total // length):
     logits, state = apply(params, tokens[:, s * length:(s + 1) * length], state, starts[s])
@@ -57,7 +58,7 @@ def test_document_start_clears_xl_cache_of_that_row_only():
   params = init_params(config, jax.random.PRNGKey(0), batch=2)
   seg = jax.random.randint(jax.random.PRNGKey(2), (2, 8), 0, 64)
   other = jax.random.randint(jax.random.PRNGKey(3), (2, 8), 0, 64)
-  apply = jax.jit(lambda t, start, st: Decoder(config).apply({"params": params}, t, st, start))
+  apply = jax.jit(lambda t, start, st: Decoder(config, knn.make_backend(config)).apply({"params": params}, t, st, start))
   fresh_logits, _ = apply(seg, jnp.array([True, True]), init_carried_state(config, 2))
   _, state = apply(other, jnp.array([True, True]), init_carried_state(config, 2))
   # Row 0 starts a new document: it must behave exactly as from an empty state.
@@ -93,7 +94,7 @@ def test_paper_size_parameter_count():
   shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
   total = count_params(shapes)
   embeddings = config.vocab_size * config.d_model
-  # About 151M without embeddings (DESIGN.md section 2), about 184M with a tied 32K vocab.
+  # About 151M without embeddings (docs/design.md), about 184M with a tied 32K vocab.
   assert 150e6 < total - embeddings < 152e6, total - embeddings
   assert 183e6 < total < 186e6, total
 
@@ -116,7 +117,7 @@ def test_bad_config_raises_one_error_naming_the_field(changes, field):
 def test_segment_length_mismatch_is_a_clear_error():
   params = init_params(TINY, jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="segment_length"):
-    Decoder(TINY).apply({"params": params}, jnp.zeros((1, 5), jnp.int32),
+    Decoder(TINY, knn.make_backend(TINY)).apply({"params": params}, jnp.zeros((1, 5), jnp.int32),
                         init_carried_state(TINY, 1), jnp.ones((1,), bool))
 
 

@@ -8,9 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from memorizing import checkpoint, cli, evaluate
+from memorizing import cli
+from memorizing.training import checkpoint, evaluate
 from memorizing.data import pipeline, registry, tokenizers
-from memorizing.train import evaluate_params
+from memorizing.training.train import evaluate_params
 
 MAX_TOKENS = 2200   # crosses the 512 and 2048 bucket edges, stays fast
 

@@ -19,10 +19,12 @@ import numpy as np
 import pytest
 
 from memorizing import cli, knn
-from memorizing import memory as M
-from memorizing.config import ModelConfig
+from memorizing.model import memory as M
+from memorizing.model.config import ModelConfig
 from memorizing.data import pipeline, registry, tokenizers
-from memorizing.train import TrainConfig, TrainingError, check_fits_in_device_memory
+from memorizing.errors import TrainingError
+from memorizing.model.config import TrainConfig
+from memorizing.training.train import check_fits_in_device_memory
 from tests.test_resume import NUM_STEPS, TINY, env, restore_all, run, steps_of, train_cmd  # noqa: F401
 
 # adamw + cosine warmup of 50 steps: step 0 has learning rate 0, step 1 moves every

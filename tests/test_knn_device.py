@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from memorizing import knn
-from memorizing import memory as M
-from memorizing.knn import device
+from memorizing.model import memory as M
+from memorizing.knn import device, synthetic, topk
 from memorizing.knn.exact import ExactBackend
 
 K = 32
@@ -26,12 +26,12 @@ def search(backend, queries, mem, k=K):
 @pytest.mark.parametrize("size", [1536, 8192])
 def test_device_recall_at_least_0_9_on_structured_keys(size, impl):
   # pallas: the GPU kernel with its default options (packed="offset", bf16), interpreted
-  keys, queries = device.synthetic_memory(jax.random.PRNGKey(0), 2, 2, size, 256, 64)
+  keys, queries = synthetic.synthetic_memory(jax.random.PRNGKey(0), 2, 2, size, 256, 64)
   mem = full_memory(keys)
   ei, ev = ExactBackend().search(queries, mem, K)
   opts = dict(impl="pallas", interpret=True, compute_dtype="bfloat16") if impl == "pallas" else {}
   i, v = search(device.DeviceBackend(**opts), queries, mem)
-  r = device.recall(i, v, ei, ev)
+  r = synthetic.recall(i, v, ei, ev)
   assert r >= 0.9, r
   assert r < 1.0  # really approximate at these sizes: the test can tell
 
@@ -43,7 +43,7 @@ def test_default_bucket_count_follows_recall_target():
 
 
 def test_device_pallas_kernel_in_interpret_mode_matches_xla():
-  keys, queries = device.synthetic_memory(jax.random.PRNGKey(1), 1, 2, 1000, 40, 32)
+  keys, queries = synthetic.synthetic_memory(jax.random.PRNGKey(1), 1, 2, 1000, 40, 32)
   mem = full_memory(keys, count=900)     # odd N, partly filled, Q not a multiple of block_q
   a = search(device.DeviceBackend(impl="xla", num_buckets=64), queries, mem)
   b = search(device.DeviceBackend(impl="pallas", num_buckets=64, block_q=16, interpret=True,
@@ -54,7 +54,7 @@ def test_device_pallas_kernel_in_interpret_mode_matches_xla():
 
 @pytest.mark.parametrize("impl", ["xla", "pallas", "exact"])
 def test_device_never_marks_slots_beyond_count_valid(impl):
-  keys, queries = device.synthetic_memory(jax.random.PRNGKey(2), 3, 2, 700, 16, 32)
+  keys, queries = synthetic.synthetic_memory(jax.random.PRNGKey(2), 3, 2, 700, 16, 32)
   count = jnp.array([0, 5, 650], jnp.int32)   # empty row, fewer than k, many buckets
   mem = M.MemoryState(keys=keys, values=keys, pointer=count, count=count)
   be = device.DeviceBackend(impl=impl, num_buckets=64, block_q=16, interpret=True)
@@ -68,11 +68,11 @@ def test_device_never_marks_slots_beyond_count_valid(impl):
 
 
 def test_device_memory_smaller_than_buckets_is_exact():
-  keys, queries = device.synthetic_memory(jax.random.PRNGKey(3), 1, 1, 100, 8, 16)
+  keys, queries = synthetic.synthetic_memory(jax.random.PRNGKey(3), 1, 1, 100, 8, 16)
   mem = full_memory(keys, count=90)
   ei, ev = ExactBackend().search(queries, mem, K)
   i, v = search(device.DeviceBackend(), queries, mem)
-  assert device.recall(i, v, ei, ev) == 1.0
+  assert synthetic.recall(i, v, ei, ev) == 1.0
   # memory smaller than k: every stored slot once, the rest invalid
   small = full_memory(keys[:, :, :10])
   i, v = search(device.DeviceBackend(), queries, small)
@@ -80,14 +80,14 @@ def test_device_memory_smaller_than_buckets_is_exact():
 
 
 def test_device_rows_reset_this_segment_return_nothing():
-  keys, queries = device.synthetic_memory(jax.random.PRNGKey(4), 2, 1, 512, 8, 16)
+  keys, queries = synthetic.synthetic_memory(jax.random.PRNGKey(4), 2, 1, 512, 8, 16)
   mem = M.reset(full_memory(keys), jnp.array([True, False]))
   i, v = search(device.DeviceBackend(num_buckets=32), queries, mem)
   assert not v[0].any() and v[1].all()
 
 
 def test_device_search_under_grad_gives_query_gradients():
-  keys, queries = device.synthetic_memory(jax.random.PRNGKey(5), 1, 2, 600, 8, 16)
+  keys, queries = synthetic.synthetic_memory(jax.random.PRNGKey(5), 1, 2, 600, 8, 16)
   mem = full_memory(keys)
   be = device.DeviceBackend(num_buckets=32)
 
@@ -101,7 +101,7 @@ def test_device_search_under_grad_gives_query_gradients():
 
 
 def test_device_backend_comes_from_registry_with_options():
-  be = knn.get_backend("device", (("num_buckets", 128),))
+  be = knn.create("device", (("num_buckets", 128),))
   assert isinstance(be, device.DeviceBackend) and be.buckets(32) == 128
   with pytest.raises(ValueError, match="impl"):
     device.DeviceBackend(impl="nope")
@@ -111,7 +111,7 @@ def test_device_backend_comes_from_registry_with_options():
     (True, 64, "rows", None), ("offset", 48, "queries", None), ("offset", 192, "rows", 64)])
 def test_device_pallas_kernel_variants_match_xla(packed, buckets, grid_order, chunk):
   # packed int32 states, S not a power of two (column chunks), both launch orders
-  keys, queries = device.synthetic_memory(jax.random.PRNGKey(6), 2, 1, 1000, 24, 32)
+  keys, queries = synthetic.synthetic_memory(jax.random.PRNGKey(6), 2, 1, 1000, 24, 32)
   count = jnp.array([900, 20], jnp.int32)
   mem = M.MemoryState(keys=keys, values=keys, pointer=count, count=count)
   a = search(device.DeviceBackend(impl="xla", num_buckets=buckets), queries, mem)
@@ -135,7 +135,7 @@ def test_device_default_options_are_the_documented_ones():
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_device_search_under_vmap_equals_the_per_element_results(impl):
   # An extra leading axis (e.g. several memories per row) mapped with jax.vmap.
-  keys, queries = device.synthetic_memory(jax.random.PRNGKey(7), 3, 2, 300, 12, 16)
+  keys, queries = synthetic.synthetic_memory(jax.random.PRNGKey(7), 3, 2, 300, 12, 16)
   keys = keys.reshape(3, 1, 2, 300, 16)
   queries = queries.reshape(3, 1, 2, 12, 16)
   count = jnp.array([[300], [7], [0]], jnp.int32)                  # [V, B]
@@ -154,7 +154,7 @@ def test_sort_based_top_k_equals_lax_top_k():
   x = jax.random.normal(jax.random.PRNGKey(8), (3, 5, 64))
   x = x.at[0, 0, :40].set(-jnp.inf).at[1, 1, 3:9].set(0.5)         # -inf entries and ties
   for arr in (x, jax.lax.bitcast_convert_type(x, jnp.int32).at[2, 2, :50].set(jnp.iinfo(jnp.int32).min)):
-    v1, i1 = device.top_k(arr, 32, "sort")
+    v1, i1 = topk.top_k(arr, 32, "sort")
     v2, i2 = jax.lax.top_k(arr, 32)
     np.testing.assert_array_equal(v1, v2)
     np.testing.assert_array_equal(i1, i2)

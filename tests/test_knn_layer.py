@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memorizing.config import ModelConfig
-from memorizing.decoder import Decoder, init_carried_state, init_params
+from memorizing import knn
+from memorizing.model.config import ModelConfig
+from memorizing.model.decoder import Decoder, init_carried_state, init_params
 from memorizing.knn import capture
 
 CONFIG = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=2, head_dim=16,
@@ -22,7 +23,7 @@ def batches(seed=0, rows=2, steps=6):
 
 
 def logits_over_segments(config, params):
-  apply = jax.jit(lambda st, b: Decoder(config).apply({"params": params}, b["tokens"], st,
+  apply = jax.jit(lambda st, b: Decoder(config, knn.make_backend(config)).apply({"params": params}, b["tokens"], st,
                                                       b["start_of_document"]))
   state, out = init_carried_state(config, 2), []
   for b in batches():

@@ -7,8 +7,8 @@ import pytest
 pytest.importorskip("scann")
 
 from memorizing import knn  # noqa: E402
-from memorizing import memory as M  # noqa: E402
-from memorizing.knn import device  # noqa: E402
+from memorizing.model import memory as M  # noqa: E402
+from memorizing.knn import synthetic  # noqa: E402
 from memorizing.knn.exact import ExactBackend  # noqa: E402
 from memorizing.knn.scann_host import ScannBackend, ScannBackendError  # noqa: E402
 
@@ -28,7 +28,7 @@ def make_step(backend, k=K, layer=0, train=True):
 
 
 def stream(b, h, steps, seg, d, seed=0):
-  keys, _ = device.synthetic_memory(jax.random.PRNGKey(seed), b, h, steps * seg, 0, d)
+  keys, _ = synthetic.synthetic_memory(jax.random.PRNGKey(seed), b, h, steps * seg, 0, d)
   return [keys[:, :, t * seg:(t + 1) * seg] for t in range(steps)]
 
 
@@ -43,7 +43,7 @@ def test_scann_recall_stays_above_0_9_over_many_fifo_turnovers():
   for t in range(len(segs) - 1):
     mem, _, (i, v, ei, ev) = step(mem, segs[t + 1], segs[t], jnp.array([t == 0]))
     if t >= 8:
-      recalls.append(device.recall(i, v, ei, ev))
+      recalls.append(synthetic.recall(i, v, ei, ev))
   assert be.stats["tree_builds"] > 4            # the tree really served and was rebuilt
   assert np.mean(recalls) >= 0.9, recalls
   assert min(recalls) >= 0.6, recalls        # single hard segments (a topic new to the memory)
@@ -105,13 +105,13 @@ def test_scann_repeated_host_call_does_not_insert_twice():
   assert row.count == 8 and len(row.searchers[0].tail_slots) == 8
   mem2, _, (i, v, ei, ev) = step(mem1, segs[2], segs[1], jnp.array([False]))
   assert be.row_state(0, True, 0).count == 16 and (v.sum(-1) == 8).all()
-  assert device.recall(i, v, ei, ev) == 1.0
+  assert synthetic.recall(i, v, ei, ev) == 1.0
 
 
 def test_scann_out_of_sync_memory_raises_clear_error_naming_backend():
   be = ScannBackend(num_threads=2)
   step = make_step(be)
-  keys, q = device.synthetic_memory(jax.random.PRNGKey(5), 1, 1, 64, 8, 8)
+  keys, q = synthetic.synthetic_memory(jax.random.PRNGKey(5), 1, 1, 64, 8, 8)
   mem = M.MemoryState(keys=keys, values=keys, pointer=jnp.array([10]), count=jnp.array([10]))
   with pytest.raises(Exception, match=r"ScannBackend.*sync"):
     jax.block_until_ready(step(mem, q, q, jnp.array([False])))
@@ -133,19 +133,19 @@ def test_scann_sync_after_restore_rebuilds_from_device_memory():
   np.testing.assert_array_equal(np.stack([fresh.row_state(0, True, r).mirror for r in range(b)]),
                                 np.asarray(mem.keys))
   _, _, (i, v, ei, ev) = make_step(fresh)(restored, segs[11], segs[10], jnp.array([False] * b))
-  assert device.recall(i, v, ei, ev) == 1.0
+  assert synthetic.recall(i, v, ei, ev) == 1.0
   assert fresh.row_state(0, True, 0).count == n
   # With a tree: the synced searcher serves and keeps stepping.
   tree = ScannBackend(tree_min_size=512, num_threads=2)
   tree.sync(0, True, restored)
   assert tree.stats["tree_builds"] == b * h
   _, _, (i, v, ei, ev) = make_step(tree)(restored, segs[11], segs[10], jnp.array([False] * b))
-  assert bool(v.all()) and device.recall(i, v, ei, ev) >= 0.75
+  assert bool(v.all()) and synthetic.recall(i, v, ei, ev) >= 0.75
 
 
 def test_scann_search_under_jit_and_grad():
   be = ScannBackend(num_threads=2)
-  keys, q = device.synthetic_memory(jax.random.PRNGKey(7), 1, 2, 32, 4, 8)
+  keys, q = synthetic.synthetic_memory(jax.random.PRNGKey(7), 1, 2, 32, 4, 8)
   mem = M.init(1, 2, 64, 8)
 
   def loss(queries, mem, reset):
@@ -165,7 +165,7 @@ def test_scann_search_under_jit_and_grad():
 
 
 def test_scann_backend_from_registry_and_bad_options():
-  be = knn.get_backend("scann", (("num_threads", 1),))
+  be = knn.create("scann", (("num_threads", 1),))
   assert isinstance(be, ScannBackend)
   with pytest.raises(ValueError, match="tail_fraction"):
     ScannBackend(tail_fraction=0.9)

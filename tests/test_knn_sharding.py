@@ -100,12 +100,12 @@ def _main(group):
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   from memorizing import knn
-  from memorizing import memory as M
-  from memorizing.knn import device
+  from memorizing.model import memory as M
+  from memorizing.knn import device, synthetic
   from memorizing.knn.exact import ExactBackend
   
   assert jax.device_count() == NDEV, jax.devices()
-  mesh = Mesh(np.asarray(jax.devices()), ("data",))     # as memorizing.train.make_mesh
+  mesh = Mesh(np.asarray(jax.devices()), ("data",))     # as memorizing.training.train.make_mesh
   rows = NamedSharding(mesh, P("data"))
   out = {}
 
@@ -117,7 +117,7 @@ def _main(group):
       out[name] = traceback.format_exc()
 
   k = 32
-  keys, queries = device.synthetic_memory(jax.random.PRNGKey(0), 8, 2, 1000, 24, 32)
+  keys, queries = synthetic.synthetic_memory(jax.random.PRNGKey(0), 8, 2, 1000, 24, 32)
   count = jnp.array([1000, 0, 5, 700, 1000, 999, 31, 512], jnp.int32)
   mem = M.MemoryState(keys=keys, values=keys, pointer=count % 1000, count=count)
   put = lambda tree: jax.device_put(tree, rows)
@@ -199,7 +199,7 @@ def _main(group):
     from memorizing.knn.scann_host import ScannBackend
     b, h, n, seg, d = 8, 2, 1024, 128, 16
     steps = 8
-    stream, _ = device.synthetic_memory(jax.random.PRNGKey(1), b, h, (steps + 1) * seg, 0, d)
+    stream, _ = synthetic.synthetic_memory(jax.random.PRNGKey(1), b, h, (steps + 1) * seg, 0, d)
     segs = [stream[:, :, t * seg:(t + 1) * seg] for t in range(steps + 1)]
     resets = [np.full((b,), t == 0) | ((np.arange(b) == 3) & (t == 5)) for t in range(steps)]
 
@@ -244,7 +244,7 @@ def _main(group):
         np.testing.assert_array_equal(v1, v2)
         np.testing.assert_array_equal(np.where(v1, i1, -1), np.where(v2, i2, -1))
         np.testing.assert_array_equal(v1, ev)
-        assert not ev.any() or device.recall(i1, v1, ei, ev) > 0.999   # float near-ties may swap
+        assert not ev.any() or synthetic.recall(i1, v1, ei, ev) > 0.999   # float near-ties may swap
       # Trees (ScaNN's k-means is seeded at random, so compare with exact search):
       # per-device calls, per-row searchers, recall, no slot beyond the row's count.
       be = ScannBackend(tree_min_size=256, num_threads=2)
@@ -254,7 +254,7 @@ def _main(group):
       recalls = []
       for idx, valid, ei, ev, c in got:
         assert (np.broadcast_to(idx < c[:, None, None, None], idx.shape)[valid]).all()
-        recalls.append(device.recall(idx, valid, ei, ev))
+        recalls.append(synthetic.recall(idx, valid, ei, ev))
       # small trees (256-1024 keys of dim 16) at the default leaf fraction: ~0.85;
       # recall >= 0.9 at realistic sizes is tested in test_knn_scann.py
       assert np.mean(recalls[3:]) >= 0.75 and min(recalls[1:]) >= 0.6, recalls
@@ -331,8 +331,8 @@ def _main(group):
     run("scann_inside_shard_map", scann_in_shard_map)
 
     def scann_decoder():
-      from memorizing.config import ModelConfig
-      from memorizing.decoder import Decoder, init_carried_state, init_params
+      from memorizing.model.config import ModelConfig
+      from memorizing.model.decoder import Decoder, init_carried_state, init_params
       cfg = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=2, head_dim=16,
                         mlp_dim=64, segment_length=16, memory_layers=(1,), memory_size=48,
                         num_neighbors=8)
@@ -343,8 +343,9 @@ def _main(group):
                   jnp.asarray((np.arange(b) % 3 == 0) & (s % 3 == 0) | (s == 0)))
                  for s in range(5)]
 
-      def logits(config, sharded):
-        apply = lambda st, tok, start: Decoder(config).apply({"params": params}, tok, st, start)
+      def logits(config, sharded, backend):
+        model = Decoder(config, backend)
+        apply = lambda st, tok, start: model.apply({"params": params}, tok, st, start)
         state = init_carried_state(config, b)
         if sharded:
           apply = jax.jit(apply, in_shardings=(rows, rows, rows), out_shardings=rows)
@@ -359,11 +360,12 @@ def _main(group):
           res.append(np.asarray(lg))
         return np.concatenate(res, 1)
 
-      exact = logits(cfg, False)
+      exact = logits(cfg, False, knn.make_backend(cfg))
       opts = (("num_threads", 2), ("tree_min_size", 1 << 20))
-      got = logits(cfg.replace(knn_backend="scann", knn_options=opts), True)
+      scann_cfg = cfg.replace(knn_backend="scann", knn_options=opts)
+      be = knn.make_backend(scann_cfg)
+      got = logits(scann_cfg, True, be)
       np.testing.assert_allclose(got, exact, atol=1e-4)
-      be = knn.get_backend("scann", opts)
       per_device_rows(be, 1, False)
 
     run("scann_decoder_sharded", scann_decoder)

@@ -11,6 +11,7 @@ is the memory that does it.
 import numpy as np
 import pytest
 
+from memorizing import knn
 from memorizing.data import corpora, registry
 
 SEGMENT = 64
@@ -18,7 +19,7 @@ MEMORY = 512
 
 
 def model_config(memory: bool, **changes):
-  from memorizing.config import ModelConfig
+  from memorizing.model.config import ModelConfig
   cfg = ModelConfig(vocab_size=260, num_layers=2, d_model=64, num_heads=4, head_dim=16,
                     mlp_dim=256, segment_length=SEGMENT, use_xl_cache=True,
                     memory_layers=(-1,) if memory else (), memory_size=MEMORY,
@@ -27,7 +28,7 @@ def model_config(memory: bool, **changes):
 
 
 def train_config(data_dir, steps, **changes):
-  from memorizing.train import TrainConfig
+  from memorizing.model.config import TrainConfig
   cfg = TrainConfig(dataset="synthetic_recall", data_dir=str(data_dir), batch_size=16,
                     eval_batch_size=16, num_steps=steps, optimizer="adamw", schedule="cosine",
                     learning_rate=3e-3, warmup_steps=50, log_every=50, checkpoint_every=0,
@@ -41,8 +42,8 @@ def recall_accuracy(cfg, params, documents, batch: int = 16) -> float:
   each streamed from its start, segment after segment, with memory and cache."""
   import jax
   import jax.numpy as jnp
-  from memorizing.decoder import Decoder, init_carried_state
-  apply = jax.jit(lambda p, c, t, s: Decoder(cfg).apply({"params": p}, t, c, s))
+  from memorizing.model.decoder import Decoder, init_carried_state
+  apply = jax.jit(lambda p, c, t, s: Decoder(cfg, knn.make_backend(cfg)).apply({"params": p}, t, c, s))
   correct = total = 0
   for lo in range(0, len(documents), batch):
     texts = [documents[i] for i in range(lo, min(lo + batch, len(documents)))]
@@ -112,8 +113,8 @@ def test_recall_corpus_builds_offline_and_a_memory_model_takes_a_step(tmp_path):
   docs = registry.load_documents("synthetic_recall", "validation", str(tmp_path))
   assert 20 <= len(docs) <= 100
   assert all(corpora.recall_mask(docs[i]).sum() == 16 for i in range(len(docs)))
-  from memorizing.checkpoint import load_params
-  from memorizing.train import train_and_evaluate
+  from memorizing.training.checkpoint import load_params
+  from memorizing.training.train import train_and_evaluate
   cfg = model_config(memory=True)
   train_and_evaluate(cfg, train_config(tmp_path, 2, log_every=1), str(tmp_path / "run"))
   params, _ = load_params(str(tmp_path / "run"))
@@ -127,8 +128,8 @@ STEPS = 3500   # 5-7 minutes of training per model on 2 CPU cores (docs/syntheti
 
 @pytest.mark.slow
 def test_memory_model_recalls_far_beyond_the_xl_baseline(tmp_path):
-  from memorizing.checkpoint import load_params
-  from memorizing.train import train_and_evaluate
+  from memorizing.training.checkpoint import load_params
+  from memorizing.training.train import train_and_evaluate
   docs = registry.load_documents("synthetic_recall", "validation", str(tmp_path))
   docs = [docs[i] for i in range(len(docs))]
   accuracy = {}

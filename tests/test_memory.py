@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from memorizing import knn
-from memorizing import memory as memory_lib
+from memorizing.model import memory as memory_lib
 
 
 def segment(rng, b=3, h=2, length=5, d=4, offset=0.0):
@@ -45,7 +45,7 @@ def test_reset_clears_exactly_the_rows_whose_document_starts():
 
 
 def test_new_document_cannot_see_previous_document_of_its_row():
-  backend = knn.get_backend("exact")
+  backend = knn.create("exact")
   mem = memory_lib.init(3, 2, 16, 4)
   old_keys, old_values = segment(0)
   mem = memory_lib.append(mem, old_keys, old_values)
@@ -61,7 +61,7 @@ def test_new_document_cannot_see_previous_document_of_its_row():
 
 
 def test_rows_never_see_each_others_memory():
-  backend = knn.get_backend("exact")
+  backend = knn.create("exact")
   mem = memory_lib.init(2, 2, 16, 4)
   keys, values = segment(0, b=2)
   mem = memory_lib.append(mem, keys, values)
@@ -71,7 +71,7 @@ def test_rows_never_see_each_others_memory():
 
 
 def test_unwritten_slots_are_never_returned_when_fewer_than_k_are_stored():
-  backend = knn.get_backend("exact")
+  backend = knn.create("exact")
   mem = memory_lib.init(3, 2, 32, 4)
   mem = memory_lib.append(mem, *segment(0, length=3))
   idx, valid = backend.search(segment(1)[0], mem, 8, None)
@@ -92,4 +92,4 @@ def test_append_carries_no_gradient_into_memory():
 
 def test_unknown_backend_names_the_choices():
   with pytest.raises(knn.UnknownBackendError, match="exact"):
-    knn.get_backend("faiss")
+    knn.create("faiss")

@@ -4,11 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from memorizing import knn
-from memorizing import memory as memory_lib
-from memorizing.config import ModelConfig
-from memorizing.decoder import Decoder, init_carried_state, init_params
-from memorizing.layers import l2_normalize
-from memorizing.memory_attention import memory_attention
+from memorizing.model import memory as memory_lib
+from memorizing.model.config import ModelConfig
+from memorizing.model.decoder import Decoder, init_carried_state, init_params
+from memorizing.model.layers import l2_normalize
+from memorizing.model.memory_attention import memory_attention
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -26,7 +26,7 @@ def dense_attention(q, keys, values, scale):
 
 def test_memory_attention_with_k_equal_stored_equals_dense_attention_over_past_segments():
   b, h, length, d = 2, 3, 6, 8
-  backend = knn.get_backend("exact")
+  backend = knn.create("exact")
   mem = memory_lib.init(b, h, 64, d)
   scale = jnp.array([2.0, 5.0, 9.0])
   past_k, past_v = [], []
@@ -52,7 +52,7 @@ def test_memory_attention_with_k_equal_stored_equals_dense_attention_over_past_s
 
 
 def apply_fn(config, params):
-  return jax.jit(lambda t, st, start: Decoder(config).apply({"params": params}, t, st, start))
+  return jax.jit(lambda t, st, start: Decoder(config, knn.make_backend(config)).apply({"params": params}, t, st, start))
 
 
 def tokens(seed, b=2):
@@ -100,7 +100,7 @@ def test_memory_disabled_keeps_memory_empty_with_same_parameters():
 
 
 def loss_fn(params, state, toks, start, config=CONFIG):
-  logits, _ = Decoder(config).apply({"params": params}, toks, state, start)
+  logits, _ = Decoder(config, knn.make_backend(config)).apply({"params": params}, toks, state, start)
   return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
 

@@ -4,11 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memorizing import train as T
-from memorizing.config import ModelConfig
+from memorizing import knn
+from memorizing.training import train as T
+from memorizing.model.config import ModelConfig
 from memorizing.data import pipeline, registry, tokenizers
-from memorizing.decoder import Decoder, init_carried_state, init_params
-from memorizing.layers import RelativePositionBias, relative_position_bucket
+from memorizing.model.decoder import Decoder, init_carried_state, init_params
+from memorizing.model.layers import RelativePositionBias, relative_position_bucket
 
 
 def test_position_bias_is_the_table_entry_of_the_distance_bucket():
@@ -39,7 +40,8 @@ def _one_step_change(table, optimizer="adamw"):
            "start_of_document": jnp.ones((2,), bool)}
   for _ in range(2):   # the second step: the memory holds keys, the gate gets gradient
     new, _ = T.train_step(state, batch, jax.random.PRNGKey(2), model_config=cfg, optimizer=opt,
-                          skip_nonfinite=False)
+                          skip_nonfinite=False,
+                          backend=knn.make_backend(cfg))
     batch = dict(batch, start_of_document=jnp.zeros((2,), bool))
     state, new = new, state
   return jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
@@ -84,11 +86,12 @@ def _train(cfg, steps=300, rows=8, tail=50, table=T.TrainConfig.learning_rate_mu
   state = T.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
                        carried=init_carried_state(cfg, rows))
   step = jax.jit(lambda s, b: T.train_step(s, b, jax.random.PRNGKey(1), model_config=cfg,
-                                           optimizer=opt, skip_nonfinite=False))
+                                           optimizer=opt, skip_nonfinite=False,
+                          backend=knn.make_backend(cfg)))
 
   @jax.jit
   def nll_by_position(params, carried, batch):
-    logits, _ = Decoder(cfg).apply({"params": params}, batch["tokens"], carried,
+    logits, _ = Decoder(cfg, knn.make_backend(cfg)).apply({"params": params}, batch["tokens"], carried,
                                    batch["start_of_document"])
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None], -1)[..., 0]
     return (-logp * batch["weights"]).sum(0), batch["weights"].sum(0)

@@ -19,10 +19,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-from memorizing.config import ModelConfig
-from memorizing.decoder import init_carried_state, init_params
-from memorizing.layers import l2_normalize
-from memorizing.train import TrainConfig, TrainState, make_optimizer, train_step
+from memorizing import knn
+from memorizing.model.config import ModelConfig
+from memorizing.model.decoder import init_carried_state, init_params
+from memorizing.model.layers import l2_normalize
+from memorizing.model.config import TrainConfig
+from memorizing.training.train import TrainState, make_optimizer, train_step
 
 MAX_RATIO = 3.0
 BATCH = 2
@@ -50,7 +52,8 @@ def make_step(config):
            "targets": jax.random.randint(jax.random.PRNGKey(4), shape, 0, config.vocab_size),
            "weights": jnp.ones(shape, jnp.float32), "start_of_document": jnp.zeros((BATCH,), bool)}
   fn = jax.jit(functools.partial(train_step, model_config=config, optimizer=optimizer,
-                                 skip_nonfinite=False), donate_argnums=0)
+                                 skip_nonfinite=False, backend=knn.make_backend(config)),
+               donate_argnums=0)
   rng = jax.random.PRNGKey(5)
   state, _ = fn(state, batch, rng)                     # compile and warm up
   jax.block_until_ready(state)

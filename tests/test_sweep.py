@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from memorizing import cli, plots, sweep
+from memorizing import cli
+from memorizing.tools import plots, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -50,7 +51,7 @@ def test_grid_flags_and_files(tmp_path):
   spec_file = tmp_path / "grid.yaml"
   spec_file.write_text("gin_file: quickstart.gin\ngin_param: ['TrainConfig.num_steps = 5']\n"
                        "grid:\n  TrainConfig.optimizer: [adamw, adafactor]\n"
-                       "  gin_file: [experiments/table4_small/ctx512_xl.gin]\n")
+                       "  gin_file: [experiments/table4_paper150m/ctx512_xl.gin]\n")
   spec = sweep.load_grid_file(str(spec_file))
   assert spec["gin_file"] == ["quickstart.gin"]
   assert spec["grid"]["TrainConfig.optimizer"] == ["'adamw'", "'adafactor'"]
@@ -125,3 +126,60 @@ def test_plot_errors_are_clear(tmp_path):
     plots.plot_sweep(str(tmp_path))
   with pytest.raises(plots.PlotError, match="nothing to plot"):
     plots.plot_workdir(str(tmp_path))
+
+
+def test_plan_with_seeds_rows_and_evals(tmp_path):
+  rows = {"ft": {"gin_file": [], "gin_param": ["TrainConfig.num_steps = 1"], "init_from": "a"}}
+  evals = {"big": {"of": "a", "gin_param": ["ModelConfig.memory_size = 128"], "memory": "on"}}
+  jobs = sweep.plan(str(tmp_path), ["base.gin"], [], {"gin_file": ["a.gin"]}, [0, 1], rows, evals)
+  assert [(j.name, j.kind) for j in jobs] == [
+      ("a_seed-0", "train"), ("a_seed-1", "train"), ("ft_seed-0", "train"),
+      ("ft_seed-1", "train"), ("big_seed-0", "eval"), ("big_seed-1", "eval")]
+  ft = jobs[3]
+  assert ft.init_from == "a_seed-1" and "TrainConfig.seed = 1" in ft.params
+  train, _ = ft.commands([], None)
+  assert train[-2:] == ["--init_from", str(tmp_path / "a_seed-1")]
+  _, ev = jobs[5].commands([], 2)
+  assert ev == ["--workdir", str(tmp_path / "a_seed-1"), "--output",
+                str(tmp_path / "a_seed-1" / "eval_big_seed-1.json"), "--gin_param",
+                "ModelConfig.memory_size = 128", "--memory", "on", "--max_documents", "2"]
+  with pytest.raises(sweep.SweepError, match="not a point or row"):
+    sweep.plan(str(tmp_path), [], [], {"gin_file": ["b.gin"]}, [], rows, {})
+
+
+def test_rows_evals_only_deadline_and_one_json(tmp_path, capsys):
+  """A fine-tune from another run's checkpoint, an extra evaluation with a larger
+  memory, --only, the time guard, and sweep_results.json plotted by plots.plot_results."""
+  data_dir, sweep_dir = tmp_path / "data", tmp_path / "sweep"
+  spec = tmp_path / "sweep.yaml"
+  spec.write_text(
+      "grid:\n  ModelConfig.memory_size: [64]\n"
+      "rows:\n  ft:\n    init_from: memory_size-64\n"
+      "    gin_param: ['TrainConfig.num_steps = 1']\n"
+      "evals:\n  big:\n    of: memory_size-64\n"
+      "    gin_param: ['ModelConfig.memory_size = 128']\n    memory: 'on'\n")
+  flags = base_flags(sweep_dir, data_dir) + ["--grid_file", str(spec), "--no_plots"]
+  assert cli.sweep_main(flags + ["--only", "memory_size-64,ft"]) == 0
+  capsys.readouterr()
+  with open(sweep_dir / "sweep_results.json") as f:
+    jobs = json.load(f)["jobs"]
+  assert jobs["memory_size-64"]["status"] == "done"
+  assert jobs["memory_size-64"]["train_log"][-1]["step"] == 2
+  assert set(jobs["memory_size-64"]["results"]) == {"with_memory", "memory_disabled"}
+  assert jobs["ft"]["init_from"] == "memory_size-64" and jobs["ft"]["checkpoint_step"] == 1
+  assert jobs["big"]["status"] == "not run" and "results" not in jobs["big"]
+
+  assert cli.sweep_main(flags + ["--deadline_s", "0.001"]) == 0
+  assert "skip big: time guard" in capsys.readouterr().out
+  with open(sweep_dir / "sweep_results.json") as f:
+    jobs = json.load(f)["jobs"]
+  assert jobs["big"]["status"] == "skipped" and "time guard" in jobs["big"]["skipped"]
+  assert jobs["ft"]["status"] == "done (skipped)"
+
+  assert cli.sweep_main(flags) == 0
+  with open(sweep_dir / "memory_size-64" / "eval_big.json") as f:
+    big = json.load(f)["results"]
+  assert list(big) == ["with_memory"] and big["with_memory"]["memory_size"] == 128
+  written = plots.plot_results(str(sweep_dir / "sweep_results.json"), str(tmp_path / "p"), "x_")
+  assert [os.path.basename(w) for w in written] == [
+      "x_ppl_vs_memory.png", "x_ppl_by_position.png", "x_train_loss.png"]

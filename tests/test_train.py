@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from memorizing import cli
-from memorizing.checkpoint import load_params
+from memorizing.training.checkpoint import load_params
 
 TINY = [
     "ModelConfig.num_layers = 2", "ModelConfig.d_model = 32", "ModelConfig.num_heads = 2",

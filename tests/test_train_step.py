@@ -3,9 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memorizing import train as T
-from memorizing.config import ModelConfig
-from memorizing.decoder import init_carried_state, init_params
+from memorizing import knn
+from memorizing.training import train as T
+from memorizing.model.config import ModelConfig
+from memorizing.model.decoder import init_carried_state, init_params
 
 CONFIG = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=2, head_dim=16,
                      mlp_dim=64, segment_length=16)
@@ -18,7 +19,8 @@ def losses(config, reset_every_step, steps=5):
   state = T.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=OPT.init(params),
                        carried=init_carried_state(config, 2))
   step = jax.jit(lambda s, b: T.train_step(s, b, jax.random.PRNGKey(1), model_config=config,
-                                           optimizer=OPT, skip_nonfinite=False))
+                                           optimizer=OPT, skip_nonfinite=False,
+                          backend=knn.make_backend(config)))
   rng, out = np.random.default_rng(0), []
   for i in range(steps):
     tokens = rng.integers(0, 64, (2, 17))
