@@ -164,7 +164,7 @@ def train_sentencepiece(texts: Iterable[Text], output_path: str, vocab_size: int
   split. Ids: pad 0, eos 1, unk 2, no bos. Writes `output_path` (ending in
   .model) and its .vocab, and returns the loaded tokenizer.
   """
-  import sentencepiece as spm
+  import sentencepiece as spm  # only SentencePiece tokenizers need it
   if not str(output_path).endswith(".model"):
     raise DatasetError(f"output_path must end in .model, got {output_path!r}")
   os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)

@@ -157,7 +157,7 @@ def buckets_pallas(queries, keys, count, num_buckets, k, compute_dtype, block_q,
 
   kwargs = {}
   if not interpret:
-    from jax.experimental.pallas import triton as plgpu
+    from jax.experimental.pallas import triton as plgpu  # GPU only, loaded on this path
     kwargs["compiler_params"] = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   num_blocks = n_pad // s
   index_bits = max(1, (num_blocks - 1).bit_length())

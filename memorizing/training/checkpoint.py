@@ -23,6 +23,7 @@ import zlib
 from typing import Any, Callable, Optional, Tuple
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
@@ -69,7 +70,6 @@ def _gather_positions(position: dict) -> list:
   """Data position of every process, in process order."""
   if jax.process_count() == 1:
     return [position]
-  from jax.experimental import multihost_utils
   raw = json.dumps(position).encode()
   buf = np.zeros((1 << 16,), np.uint8)
   if len(raw) > buf.size:

@@ -15,6 +15,7 @@ import math
 from typing import Dict, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -125,5 +126,4 @@ def _evaluate(model_config, params, stream, tokenizer, max_segments, memory_sign
 def _all_processes_sum(x: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return x
-  from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x)).sum(0)

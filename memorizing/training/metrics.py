@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Any, Dict, List
 
+import jax.numpy as jnp
 import numpy as np
 
 from memorizing.model import signals
@@ -34,7 +35,6 @@ def summarize(pending: List[Dict[str, Any]], bytes_per_token: float) -> Dict[str
 def memory_fill(carried):
   """Mean fraction of memory slots in use over memory layers and rows (0 if none);
   a device scalar, computed inside the step."""
-  import jax.numpy as jnp
   fills = [jnp.mean(m.count / m.size) for m in carried.memory.values()]
   return jnp.mean(jnp.stack(fills)) if fills else jnp.zeros(())
 
@@ -50,7 +50,7 @@ class MetricsLogger:
       return
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     try:
-      from tensorboardX import SummaryWriter
+      from tensorboardX import SummaryWriter  # loaded by the process that logs only
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     except ImportError:  # optional on hosts without it
       self._tb = None
@@ -90,7 +90,7 @@ class _Bar:
     self._bar = None
     self._last = start
     if enabled:
-      from tqdm import tqdm
+      from tqdm import tqdm  # loaded when a progress bar is shown only
       self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
                        file=sys.stderr, mininterval=1.0,
                        disable=None if not os.environ.get("MEMORIZING_FORCE_BAR") else False)

@@ -22,6 +22,7 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -122,7 +123,6 @@ def make_stream(model_config: ModelConfig, cfg: TrainConfig, split: str, batch_s
                 max_document_tokens: int = 0):
   if jax.process_count() > 1:
     # Process 0 builds an embedded corpus on first use; the others wait for it.
-    from jax.experimental import multihost_utils
     if jax.process_index() == 0:
       registry.load_documents(cfg.dataset, split, cfg.data_dir)
     multihost_utils.sync_global_devices(f"data {cfg.dataset} {split}")
