@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from memorizing import knn
+from memorizing.errors import ConfigError
+from memorizing.model.config import ModelConfig
 from memorizing.model import memory as memory_lib
 
 
@@ -93,3 +95,13 @@ def test_append_carries_no_gradient_into_memory():
 def test_unknown_backend_names_the_choices():
   with pytest.raises(knn.UnknownBackendError, match="exact"):
     knn.create("faiss")
+
+
+def test_backends_are_new_objects_with_checked_options():
+  config = ModelConfig(memory_layers=(-1,), knn_backend="device",
+                       knn_options=(("num_buckets", 64),))
+  a, b = knn.make_backend(config), knn.make_backend(config)
+  assert a is not b and a.num_buckets == 64      # each owner gets its own; no global cache
+  assert knn.make_backend(config.replace(memory_layers=())) is None
+  with pytest.raises(ConfigError, match="no option bukets"):
+    knn.create("device", {"bukets": 64})

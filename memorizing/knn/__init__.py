@@ -12,9 +12,10 @@ long as the object its owner (trainer, evaluator, tool) holds.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from memorizing.errors import UnknownBackendError
+from memorizing.errors import ConfigError, UnknownBackendError
 from memorizing.knn.sharding import mesh_context, per_device_rows
 from memorizing.knn_api import KNNBackend, SearchContext
 from memorizing.model.config import ModelConfig
@@ -54,7 +55,13 @@ def create(name: str, options: Any = ()) -> KNNBackend:
         f"kNN backend {name!r} cannot be loaded ({e}); "
         + ("install it with `pip install -e .[scann]`" if name == "scann" else "")) from e
   cls: Callable[..., KNNBackend] = getattr(module, cls_name)
-  return cls(**dict(options))
+  options = dict(options)
+  accepted = inspect.signature(cls).parameters
+  unknown = sorted(set(options) - set(accepted))
+  if unknown:
+    raise ConfigError(f"ModelConfig.knn_options: the {name!r} backend has no option "
+                      f"{', '.join(unknown)}; its options: {', '.join(accepted)}")
+  return cls(**options)
 
 
 def make_backend(config: ModelConfig) -> Optional[KNNBackend]:
