@@ -130,3 +130,21 @@ def test_attention_implementations_match_einsum(impl):
   ref, _ = run_segments(config.replace(attention="einsum"), params, tokens, starts)
   got, _ = run_segments(config.replace(attention=impl), params, tokens, starts)
   np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_memory_layer_without_position_bias_ignores_the_bias_table():
+  config = TINY.replace(num_layers=1, memory_layers=(0,), memory_size=32, num_neighbors=4,
+                        memory_layer_position_bias=False)
+  params = init_params(config, jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 3 * 8), 0, 64)
+  starts = np.array([[True], [False], [False]])
+  shifted = jax.tree_util.tree_map(lambda x: x, params)
+  table = shifted["relative_position_bias"]["rel_embedding"]
+  shifted["relative_position_bias"]["rel_embedding"] = table + jnp.arange(table.shape[0])[:, None]
+  a, _ = run_segments(config, params, tokens, starts)
+  b, _ = run_segments(config, shifted, tokens, starts)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with_bias = config.replace(memory_layer_position_bias=True)
+  c, _ = run_segments(with_bias, params, tokens, starts)
+  d, _ = run_segments(with_bias, shifted, tokens, starts)
+  assert not np.allclose(np.asarray(c), np.asarray(d))

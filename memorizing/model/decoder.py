@@ -106,8 +106,11 @@ class Decoder(nn.Module):
       if (i in cfg.memory_layer_set) != (mem is not None):
         raise ValueError(f"carried state has no memory for layer {i}; build it with "
                          "init_carried_state(config, batch)")
+      layer_bias = bias
+      if mem is not None and not cfg.memory_layer_position_bias:
+        layer_bias = jnp.zeros_like(bias)
       x, xl, mem = DecoderBlock(cfg, i, backend=self.backend, name=f"block_{i}")(
-          x, bias, start, xl, mem, deterministic=deterministic, train=train)
+          x, layer_bias, start, xl, mem, deterministic=deterministic, train=train)
       if xl is not None:
         new_xl[name] = xl
       if mem is not None:

@@ -70,7 +70,10 @@ def sampled_recall(q: jax.Array, mem: MemoryState, idx: jax.Array, valid: jax.Ar
                    k: int, num_queries: int = RECALL_QUERIES):
   """(hits, total) float32 scalars: of the exact top-k of sampled queries (the
   fullest row, `num_queries` evenly spaced queries, every head), how many the
-  backend returned."""
+  backend returned. Ties count: a returned slot whose exact score reaches the
+  k-th best score is a hit, so a memory with repeated keys (runs of blanks,
+  repeated lines) is not reported as missed when the backend picks a different
+  one of several equal keys."""
   length = q.shape[2]
   stride = max(1, length // num_queries)
   r = jnp.argmax(mem.count)
@@ -83,9 +86,13 @@ def sampled_recall(q: jax.Array, mem: MemoryState, idx: jax.Array, valid: jax.Ar
   top, exact = jax.lax.top_k(scores, k)                            # [H, S, k]
   exact_ok = jnp.isfinite(top)
   got, got_ok = take(idx)[:, ::stride], take(valid)[:, ::stride]  # [H, S, k]
-  match = (got[..., :, None] == exact[..., None, :]) & got_ok[..., :, None] & exact_ok[..., None, :]
-  hits = jnp.sum(jnp.any(match, axis=-2))
-  return hits.astype(jnp.float32), jnp.sum(exact_ok).astype(jnp.float32)
+  got_scores = jnp.take_along_axis(scores, got, axis=-1)            # [H, S, k]
+  kth = jnp.min(jnp.where(exact_ok, top, jnp.inf), axis=-1, keepdims=True)
+  # A slot returned twice counts once.
+  first = jnp.argmax(got[..., :, None] == got[..., None, :], axis=-1) == jnp.arange(k)
+  good = got_ok & first & jnp.isfinite(got_scores) & (got_scores >= kth - 1e-6)
+  hits = jnp.minimum(jnp.sum(good, axis=-1), jnp.sum(exact_ok, axis=-1))
+  return jnp.sum(hits).astype(jnp.float32), jnp.sum(exact_ok).astype(jnp.float32)
 
 
 def layer_signals(*, q, keys, valid, idx, mem: MemoryState, mem_probs, mass, gate,
