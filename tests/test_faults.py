@@ -150,6 +150,30 @@ def test_sentencepiece_model_missing(data_env, capsys, tmp_path):
                    f"SentencePiece model not found: {missing}", "train_tokenizer")
 
 
+def test_unclosed_parenthesis_in_a_binding_is_one_line(data_env, capsys, tmp_path):
+  _one_clear_error(*_train_in_process(capsys, tmp_path, "ModelConfig.memory_layers = (1,"),
+                   "gin configuration error", "EOF in multi-line statement")
+
+
+def test_a_value_of_the_wrong_type_names_the_field(data_env, capsys, tmp_path):
+  _one_clear_error(*_train_in_process(capsys, tmp_path, "ModelConfig.memory_size = 'big'"),
+                   "ModelConfig.memory_size must be an int, got 'big'")
+  _one_clear_error(*_train_in_process(capsys, tmp_path, "TrainConfig.learning_rate = 'x'"),
+                   "TrainConfig.learning_rate must be a float, got 'x'")
+
+
+def test_eval_with_a_missing_checkpoint_step_or_no_documents_is_one_line(env, data_env, capsys,
+                                                                         tmp_path):
+  rc, out = run(env, tmp_path)
+  assert rc == 0, out
+  capsys.readouterr()
+  for flags, needle in ((["--checkpoint_step", "999"], "no checkpoint at step 999"),
+                        (["--max_documents", "0"], "--max_documents must be >= 1, got 0"),
+                        (["--max_documents", "-1"], "--max_documents must be >= 1, got -1")):
+    rc = cli.eval_main(["--workdir", str(tmp_path)] + flags)
+    _one_clear_error(rc, capsys.readouterr().err, needle)
+
+
 def test_memory_that_cannot_fit_is_caught_before_allocation(data_env, capsys, tmp_path):
   # 2 rows x 2 heads x 2**20 slots x 16 dims x 2 x 4 bytes = 0.5 GiB > 90% of a 0.25 GiB budget
   err = _one_clear_error(*_train_in_process(

@@ -25,6 +25,27 @@ __all__ = ["ConfigError", "ModelConfig", "TrainConfig"]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def check_field_types(config) -> None:
+  """Raises ConfigError naming the field whose value has the wrong type (for
+  fields annotated int, float, bool, str or Tuple), e.g. memory_size = 'big'."""
+  cls = type(config).__name__
+  for f in dataclasses.fields(config):
+    value, kind = getattr(config, f.name), str(f.type)
+    if kind.startswith("Optional[") and value is None:
+      continue
+    kind = kind[len("Optional["):-1] if kind.startswith("Optional[") else kind
+    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "bool": lambda v: isinstance(v, bool),
+          "str": lambda v: isinstance(v, str)}.get(kind)
+    if ok is None and kind.startswith("Tuple"):
+      ok = lambda v: isinstance(v, (tuple, list))
+      kind = "tuple"
+    if ok is not None and not ok(value):
+      article = "an" if kind == "int" else "a"
+      raise ConfigError(f"{cls}.{f.name} must be {article} {kind}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Hyperparameters of the decoder and its kNN memory.
@@ -82,6 +103,7 @@ class ModelConfig:
   knn_options: Tuple[Tuple[str, Any], ...] = ()
 
   def __post_init__(self):
+    check_field_types(self)
     object.__setattr__(self, "memory_layers", tuple(int(i) for i in self.memory_layers))
     if isinstance(self.knn_options, dict):
       object.__setattr__(self, "knn_options", tuple(sorted(self.knn_options.items())))
@@ -211,6 +233,7 @@ class TrainConfig:
                                         #   the device reports (on CPU: host RAM)
 
   def __post_init__(self):
+    check_field_types(self)
     choices = {"optimizer": ("adafactor", "adamw"), "schedule": ("rsqrt", "cosine"),
                "nan_policy": ("stop", "skip")}
     for name, allowed in choices.items():

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import gin
 
-from memorizing.errors import Preempted, UserError
+from memorizing.errors import Preempted, UsageError, UserError
 from memorizing.tools.gin_config import CONFIG_DIR, parse_gin  # noqa: F401 (CONFIG_DIR re-exported)
 from memorizing.training import checkpoint, metrics, train
 
@@ -82,6 +82,11 @@ def eval_command(argv: Sequence[str]) -> int:
   parser.add_argument("--memory", choices=("both", "on", "off"), default="both",
                       help="evaluate with memory, memory disabled, or both")
   args = parser.parse_args(list(argv))
+  for flag in ("max_documents", "max_document_tokens", "checkpoint_step"):
+    value = getattr(args, flag)
+    smallest = 0 if flag != "max_documents" else 1
+    if value is not None and value < smallest:
+      raise UsageError(f"--{flag} must be >= {smallest}, got {value}")
   workdir = os.path.abspath(os.path.expanduser(args.workdir))
   operative = os.path.join(workdir, OPERATIVE_CONFIG)
   model_config, train_config = parse_gin(args.gin_file, args.gin_param,

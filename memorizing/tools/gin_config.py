@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tokenize
 from typing import List, Optional
 
 import gin
@@ -46,9 +47,15 @@ def parse_gin(gin_files: List[str], gin_params: List[str], before: Optional[str]
   try:
     gin.parse_config_files_and_bindings(files, gin_params, finalize_config=False)
     model_config, train_config = _GIN_MODEL_CONFIG(), _GIN_TRAIN_CONFIG()
-  except UserError:
-    raise                            # a config value names its own field
-  except (ValueError, KeyError, TypeError, IOError, SyntaxError) as e:
+  except UserError as e:
+    # A config value names its own field; gin appends "In call to configurable ..."
+    # to the message, which the one-line report drops.
+    # gin re-raises the error as a subclass of its own ("ExceptionProxy").
+    cls = type(e)
+    if "ExceptionProxy" in getattr(cls.__init__, "__qualname__", ""):
+      cls = cls.__bases__[0]
+    raise cls(str(e).splitlines()[0]) from e
+  except (ValueError, KeyError, TypeError, IOError, SyntaxError, tokenize.TokenError) as e:
     # Raised by gin's parser for a bad file or binding: the user's text is at fault.
     raise UsageError(f"gin configuration error: {str(e).splitlines()[0]}") from e
   finally:

@@ -185,6 +185,9 @@ def load_params(path: str, step: Optional[int] = None):
 
 
 def _load_params(manager, directory: str, step: Optional[int]):
+  if step is not None and step not in manager.all_steps():
+    raise CheckpointError(f"no checkpoint at step {step} in {directory}; it holds steps "
+                          f"{sorted(manager.all_steps()) or 'none'}")
   step = manager.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"no finished checkpoint in {directory}")
