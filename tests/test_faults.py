@@ -174,6 +174,16 @@ def test_eval_with_a_missing_checkpoint_step_or_no_documents_is_one_line(env, da
     _one_clear_error(rc, capsys.readouterr().err, needle)
 
 
+def test_num_steps_below_the_checkpoint_step_is_an_error_not_a_relabel(env, data_env, capsys,
+                                                                      tmp_path):
+  rc, out = run(env, tmp_path)
+  assert rc == 0, out
+  before = steps_of(tmp_path)
+  _one_clear_error(*_train_in_process(capsys, tmp_path, f"TrainConfig.num_steps={NUM_STEPS - 2}"),
+                   f"is at step {NUM_STEPS}, past TrainConfig.num_steps={NUM_STEPS - 2}")
+  assert steps_of(tmp_path) == before
+
+
 def test_memory_that_cannot_fit_is_caught_before_allocation(data_env, capsys, tmp_path):
   # 2 rows x 2 heads x 2**20 slots x 16 dims x 2 x 4 bytes = 0.5 GiB > 90% of a 0.25 GiB budget
   err = _one_clear_error(*_train_in_process(

@@ -221,6 +221,13 @@ def _train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: st
     for name, mem in state.carried.memory.items():
       backend.sync(int(name.rsplit("_", 1)[1]), True, mem)
   start_step = int(state.step)
+  if start_step > cfg.num_steps:
+    manager.close()
+    logger.close()
+    raise ConfigError(f"the checkpoint in {workdir} is at step {start_step}, past "
+                      f"TrainConfig.num_steps={cfg.num_steps}; raise num_steps to continue, "
+                      "or use another --workdir (memorizing-eval --checkpoint_step N "
+                      "evaluates an earlier checkpoint)")
   logger.write_config(model_config, cfg, source)
   mults = jax.tree_util.tree_leaves_with_path(
       learning_rate_multipliers(abstract.params, cfg.learning_rate_multipliers))
