@@ -184,6 +184,24 @@ def test_num_steps_below_the_checkpoint_step_is_an_error_not_a_relabel(env, data
   assert steps_of(tmp_path) == before
 
 
+def test_eval_of_a_damaged_checkpoint_is_an_error_not_a_nan(env, data_env, capsys, tmp_path):
+  rc, out = run(env, tmp_path)
+  assert rc == 0, out
+  d = os.path.join(tmp_path, "checkpoints", str(NUM_STEPS), "state", "ocdbt.process_0", "d")
+  for name in os.listdir(d):               # flip bytes all through every data file
+    path = os.path.join(d, name)
+    with open(path, "rb") as f:
+      raw = bytearray(f.read())
+    for i in range(len(raw) // 4, len(raw), 97):
+      raw[i] ^= 0x5A
+    with open(path, "wb") as f:
+      f.write(raw)
+  capsys.readouterr()
+  rc = cli.eval_main(["--workdir", str(tmp_path)])
+  err = _one_clear_error(rc, capsys.readouterr().err, f"checkpoint {NUM_STEPS} in")
+  assert "is corrupt" in err or "is unreadable" in err, err
+
+
 def test_memory_that_cannot_fit_is_caught_before_allocation(data_env, capsys, tmp_path):
   # 2 rows x 2 heads x 2**20 slots x 16 dims x 2 x 4 bytes = 0.5 GiB > 90% of a 0.25 GiB budget
   err = _one_clear_error(*_train_in_process(

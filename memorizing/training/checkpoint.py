@@ -99,6 +99,8 @@ class CheckpointManager:
     meta = {"carried": self.save_carried_state}
     if jax.process_count() == 1:   # read back and compared on restore
       meta["checksum"] = checksum([core, state.carried if self.save_carried_state else None])
+      # The parameters alone, for readers that restore only them (memorizing-eval, --init_from).
+      meta["params_checksum"] = checksum(state.params)
     items = {
         "state": ocp.args.StandardSave(core),
         "data": ocp.args.JsonSave({"positions": _gather_positions(data_position)}),
@@ -201,10 +203,22 @@ def _load_params(manager, directory: str, step: Optional[int]):
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree_util.tree_map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(tree))
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  except Exception as e:  # noqa: BLE001 - orbax raises many kinds for damaged files
+    raise CheckpointError(f"checkpoint {step} in {directory} is unreadable: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
   # As numpy (the docstring's promise), not pinned to that device: the caller
   # places them (replicated over a mesh, or wherever jit puts them).
-  return jax.device_get(restored["state"]["params"]), step
+  params = jax.device_get(restored["state"]["params"])
+  expected = (restored.get("meta") or {}).get("params_checksum")
+  if expected is not None and checksum(params) != expected:
+    raise CheckpointError(
+        f"checkpoint {step} in {directory} is corrupt: its parameters have checksum "
+        f"{checksum(params)}, but {expected} was written at save time; evaluate an earlier "
+        f"step with --checkpoint_step (steps held: {sorted(manager.all_steps())})")
+  return params, step
 
 
 def check_params_fit(model_config, params, source: str) -> None:
