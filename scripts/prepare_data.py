@@ -32,6 +32,8 @@ def main(argv=None):
                  "apt-get download")
   p.add_argument("--download_dir", help="linux_c, coq_stdlib, perl_doc: where apt-get "
                  "downloads and dpkg -x extracts the package (default DATA_DIR/downloads/debian)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace a copy of NAME in --data_dir prepared from another --source")
   p.add_argument("--min_bytes", type=int, default=0, help="text_files: drop shorter files")
   p.add_argument("--validation_fraction", type=float, default=0.05, help="text_files")
   p.add_argument("--tokenizer", default="bytes",
@@ -58,6 +60,8 @@ def main(argv=None):
                                if glob.glob(os.path.expanduser(args.c4_json.format(split=s)))}
       if not options["json_files"]:
         options["json_files"] = {"train": args.c4_json.format(split="train")}  # -> clear error
+  if args.overwrite:
+    options["overwrite"] = True
   try:
     print(registry.prepare(args.name, data_dir, **options))
     spec = registry.get_spec(args.name)

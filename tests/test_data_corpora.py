@@ -294,3 +294,19 @@ def test_synthetic_corpus_builds_offline(tmp_path, capsys):
   docs = load_documents("synthetic", "validation", str(tmp_path))
   assert len(docs) >= 1 and b"assert v" in docs[0]
   assert "synthetic/train:" in capsys.readouterr().out
+
+
+def test_text_files_from_another_source_is_an_error_unless_overwritten(tmp_path, text_dir):
+  src, files = text_dir
+  data_dir = str(tmp_path / "data")
+  registry.prepare("text_files", data_dir, source=str(src / "sub" / "*.txt"))
+  registry.prepare("text_files", data_dir, source=str(src / "sub" / "*.txt"))   # same: kept
+  registry.prepare("text_files", data_dir)                                       # no source: kept
+  with pytest.raises(DatasetError, match="already holds text_files prepared with source="):
+    registry.prepare("text_files", data_dir, source=str(src))
+  docs = load_documents("text_files", "train", data_dir)[:]
+  assert all(d in [v for k, v in files.items() if k.startswith("sub/")] for d in docs)
+  registry.prepare("text_files", data_dir, source=str(src), overwrite=True)
+  docs = load_documents("text_files", "train", data_dir)[:] + \
+      load_documents("text_files", "validation", data_dir)[:]
+  assert files["a.txt"] in docs

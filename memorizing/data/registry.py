@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Dict, Optional, Sequence, Tuple
 
 import tensorflow_datasets as tfds
@@ -104,8 +105,20 @@ def prepare(name: str, data_dir: Optional[str] = None, **options) -> str:
   if spec.builder is None:
     official.prepare_tfds(spec.tfds_name, data_dir)
     return f"{name}: prepared {spec.tfds_name} in {data_dir}"
+  overwrite = bool(options.pop("overwrite", False))
   builder = spec.builder(data_dir=data_dir, file_format="array_record", **options)
-  if hasattr(builder, "check_source") and find_prepared(data_dir, spec.tfds_name) is None:
+  prepared = find_prepared(data_dir, spec.tfds_name)
+  if prepared is not None and getattr(builder, "source", None) is not None:
+    changed = _changed_options(builder._metadata(), prepared)
+    if changed and not overwrite:
+      raise DatasetError(
+          f"{data_dir} already holds {name} prepared with {changed}; prepare it with "
+          f"--overwrite to replace it, or choose another --data_dir")
+    if changed:
+      shutil.rmtree(prepared)
+      builder = spec.builder(data_dir=data_dir, file_format="array_record", **options)
+      prepared = None
+  if hasattr(builder, "check_source") and prepared is None:
     builder.check_source()
   builder.download_and_prepare()
   if hasattr(builder, "summary"):  # local corpora built just now
@@ -115,6 +128,16 @@ def prepare(name: str, data_dir: Optional[str] = None, **options) -> str:
                      f" (>= {builder.min_tokens} tokens, {builder.tokenizer_name})"
                      for s, (k, n) in builder.kept.items())
   return describe_prepared(name, data_dir)
+
+
+def _changed_options(wanted: dict, builder_dir: str) -> str:
+  """The build options (source, sizes) given now that differ from those the
+  prepared copy in `builder_dir` was built with, as "key=OLD (now NEW)". Only
+  checked when a source is given: without one the prepared copy is used."""
+  saved = dict(tfds.builder_from_directory(builder_dir).info.metadata or {})
+  diffs = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in wanted.items()
+           if v is not None and k in saved and saved[k] != v]
+  return ", ".join(diffs)
 
 
 def describe_prepared(name: str, data_dir: str) -> str:
