@@ -120,3 +120,13 @@ def test_eval_command_writes_both_variants(trained, tmp_path, capsys):
   rc = cli.eval_main(["--workdir", workdir, "--max_documents", "1", "--output", str(out),
                       "--max_document_tokens", "100", "--memory", "off"])
   assert rc == 0 and set(json.loads(out.read_text())["results"]) == {"memory_disabled"}
+
+
+def test_evaluation_shows_a_progress_bar_when_asked(trained, capsys, monkeypatch):
+  model, train, params, _ = trained
+  monkeypatch.setenv("MEMORIZING_FORCE_BAR", "1")       # as on a terminal
+  capsys.readouterr()
+  evaluate_params(model, train.replace(progress_bar=True), params, 2)
+  assert "evaluating" in capsys.readouterr().err
+  evaluate_params(model, train.replace(progress_bar=False), params, 2)
+  assert "evaluating" not in capsys.readouterr().err

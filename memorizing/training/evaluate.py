@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import sys
 from typing import Dict, Optional
 
 import jax
@@ -71,14 +73,22 @@ def evaluate(model_config: ModelConfig, params, stream, tokenizer,
     backend = make_backend(model_config)
   try:
     return _evaluate(model_config, params, stream, tokenizer, max_segments,
-                     memory_signals and uses_memory, backend)
+                     memory_signals and uses_memory, backend, progress)
   finally:
     if own:
       backend.close()
 
 
-def _evaluate(model_config, params, stream, tokenizer, max_segments, memory_signals, backend):
+def _evaluate(model_config, params, stream, tokenizer, max_segments, memory_signals, backend,
+              progress):
   batch_rows = stream.rows
+  bar = None
+  if progress:
+    from tqdm import tqdm  # loaded when a progress bar is shown only
+    # On a terminal only (disable=None); a log file gets the result lines alone.
+    bar = tqdm(unit="segment", desc="evaluating", file=sys.stderr, mininterval=1.0,
+               disable=None if not os.environ.get("MEMORIZING_FORCE_BAR") else False,
+               leave=False)
   carried = init_carried_state(model_config, batch_rows)
   step = jax.jit(functools.partial(eval_step, model_config=model_config,
                                    memory_signals=memory_signals, backend=backend))
@@ -99,8 +109,12 @@ def _evaluate(model_config, params, stream, tokenizer, max_segments, memory_sign
     documents += int(np.sum(start & (batch["weights"].sum(1) > 0)))
     offset = offset + length
     segments += 1
+    if bar is not None:
+      bar.update(1)
     if max_segments and segments >= max_segments:
       break
+  if bar is not None:
+    bar.close()
   totals = _all_processes_sum(totals)
   nll, count = totals[:, 0].sum(), totals[:, 1].sum()
   if count == 0:

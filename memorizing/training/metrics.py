@@ -94,6 +94,8 @@ class _Bar:
       self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
                        file=sys.stderr, mininterval=1.0,
                        disable=None if not os.environ.get("MEMORIZING_FORCE_BAR") else False)
+      if self._bar.disable:   # not a terminal (a log file, a cluster job): plain lines
+        self._bar = None
 
   def update(self, step, summary):
     if self._bar is None:
@@ -111,7 +113,8 @@ class _Bar:
 
 
 def progress(start: int, total: int, enabled: bool = True) -> _Bar:
-  """A tqdm bar with ETA, loss and tokens/s (a plain line per log step when disabled)."""
+  """A tqdm bar with ETA, loss and tokens/s on a terminal; a plain line per log step
+  when disabled or when stderr is not a terminal."""
   return _Bar(start, total, enabled)
 
 

@@ -353,4 +353,5 @@ def evaluate_params(model_config: ModelConfig, cfg: TrainConfig, params,
   stream, _, tok = make_stream(model_config, cfg, cfg.eval_split, cfg.eval_batch_size,
                                train=False, max_documents=max_documents,
                                max_document_tokens=cfg.eval_max_document_tokens)
-  return eval_lib.evaluate(model_config, params, stream, tok, backend=backend)
+  return eval_lib.evaluate(model_config, params, stream, tok, backend=backend,
+                           progress=cfg.progress_bar)
