@@ -53,7 +53,7 @@ def test_nonfinite_loss_stops_with_a_clear_message_and_no_poisoned_checkpoint(en
 
 def test_nan_policy_skip_discards_the_step_and_its_memory_update(env, tmp_path):
   rc, out = run(env, tmp_path, HUGE_LR, "TrainConfig.nan_policy='skip'",
-                "TrainConfig.keep_checkpoints=10")
+                "TrainConfig.keep_checkpoints=10", "TrainConfig.max_skipped_steps=100")
   assert rc == 0, out
   assert steps_of(tmp_path)[-1] == NUM_STEPS
   good, end = restore_all(tmp_path, 2), restore_all(tmp_path, NUM_STEPS)
@@ -72,6 +72,16 @@ def test_nan_policy_skip_discards_the_step_and_its_memory_update(env, tmp_path):
   with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
     skipped = sum(r.get("nonfinite_steps", 0) for r in map(json.loads, f) if r["kind"] == "train")
   assert skipped == NUM_STEPS - 2
+
+
+def test_nan_policy_skip_stops_once_too_many_steps_were_skipped(env, tmp_path):
+  rc, out = run(env, tmp_path, HUGE_LR, "TrainConfig.nan_policy='skip'")
+  assert rc == 1, out
+  last = out.strip().splitlines()[-1]
+  assert "steps were skipped as non-finite (TrainConfig.max_skipped_steps allows 5)" in last, out
+  assert "The last good checkpoint (step " in last and "lower TrainConfig.learning_rate" in last
+  assert "enable clipping" not in last                # clipping is on (base.gin)
+  assert steps_of(tmp_path)[-1] < NUM_STEPS
 
 
 # --- the bad-input catalogue ------------------------------------------------------------

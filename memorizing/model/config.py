@@ -223,6 +223,9 @@ class TrainConfig:
   keep_checkpoints: int = 3
   save_carried_state: bool = True       # False: resume restarts each row at its next document
   nan_policy: str = "stop"              # "stop" or "skip" (skip also drops that step's memory update)
+  # With nan_policy = 'skip', training stops (TrainingError) once more steps than
+  # this have been skipped; -1: max(5, num_steps // 100).
+  max_skipped_steps: int = -1
   multihost: bool = False               # call jax.distributed.initialize()
   coordinator_address: Optional[str] = None   # multihost without a cluster manager:
   num_processes: Optional[int] = None         #   "host:port", process count and this

@@ -249,6 +249,9 @@ def _train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: st
   bar = metrics_lib.progress(start_step, cfg.num_steps, enabled=cfg.progress_bar)
   eval_result = {}
   stop = _SigtermFlag()
+  skipped = 0
+  allowed_skips = (cfg.max_skipped_steps if cfg.max_skipped_steps >= 0
+                   else max(5, cfg.num_steps // 100))
   try:
     for step in range(start_step, cfg.num_steps):
       batch = next(batches)
@@ -267,9 +270,15 @@ def _train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: st
         if summary["nonfinite_steps"] and cfg.nan_policy == "stop":
           raise TrainingError(
               f"non-finite loss or gradient between steps {done - summary['steps']} and {done}; "
-              f"stopped without writing a checkpoint. The last good checkpoint "
-              f"(step {last_good}) in {workdir} is intact. Lower the learning rate, enable "
-              "clipping, or set TrainConfig.nan_policy='skip'")
+              f"stopped without writing a checkpoint. {_last_good_text(last_good, workdir)} "
+              f"{_nonfinite_advice(cfg)}")
+        skipped += summary["nonfinite_steps"]
+        if skipped > allowed_skips:
+          raise TrainingError(
+              f"{skipped} of {done - start_step} steps were skipped as non-finite "
+              f"(TrainConfig.max_skipped_steps allows {allowed_skips}); stopped without "
+              f"writing a checkpoint. {_last_good_text(last_good, workdir)} "
+              f"{_nonfinite_advice(cfg, skip=False)}")
         elapsed = time.time() - window_start
         summary.update(step=done, learning_rate=float(learning_rate_schedule(cfg)(jnp.array(step))),
                        step_time=elapsed / summary["steps"],
@@ -316,6 +325,21 @@ def _train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: st
     metrics_lib.print_eval_table(eval_result, model_config, cfg.eval_max_document_tokens)
   logger.close()
   return eval_result
+
+
+def _last_good_text(last_good: Optional[int], workdir: str) -> str:
+  if last_good is None:
+    return f"No checkpoint had been written yet in {workdir}."
+  return f"The last good checkpoint (step {last_good}) in {workdir} is intact."
+
+
+def _nonfinite_advice(cfg: TrainConfig, skip: bool = True) -> str:
+  fixes = [f"lower TrainConfig.learning_rate (now {cfg.learning_rate:g})"]
+  if not cfg.grad_clip_norm:
+    fixes.append("enable clipping (TrainConfig.grad_clip_norm = 1.0)")
+  if skip:
+    fixes.append("set TrainConfig.nan_policy='skip'")
+  return "Fix: " + ", or ".join(fixes) + "."
 
 
 class _SigtermFlag:
