@@ -25,7 +25,8 @@ from memorizing.data import pipeline, registry, tokenizers
 from memorizing.errors import TrainingError
 from memorizing.model.config import TrainConfig
 from memorizing.training.train import check_fits_in_device_memory
-from tests.test_resume import NUM_STEPS, TINY, env, restore_all, run, steps_of, train_cmd  # noqa: F401
+from tests.test_resume import (NUM_STEPS, TINY, env, restore_all, run, start, steps_of,  # noqa: F401
+                               train_cmd)
 
 # adamw + cosine warmup of 50 steps: step 0 has learning rate 0, step 1 moves every
 # parameter by about 1e36 / 50, and from step 2 on the loss and gradient overflow.
@@ -210,6 +211,23 @@ def test_eval_of_a_damaged_checkpoint_is_an_error_not_a_nan(env, data_env, capsy
   rc = cli.eval_main(["--workdir", str(tmp_path)])
   err = _one_clear_error(rc, capsys.readouterr().err, f"checkpoint {NUM_STEPS} in")
   assert "is corrupt" in err or "is unreadable" in err, err
+
+
+def test_a_second_training_in_a_running_workdir_is_one_line(env, data_env, capsys, tmp_path):
+  first = start(env, tmp_path, "TrainConfig.num_steps=100000", "TrainConfig.checkpoint_every=0")
+  try:
+    for line in first.stdout:             # the first run holds the lock once it trains
+      if line.startswith("step "):
+        break
+    err = _one_clear_error(*_train_in_process(capsys, tmp_path),
+                           "another training is running in", f"pid {first.pid}")
+    assert "choose another --workdir" in err
+  finally:
+    first.kill()
+    first.wait()
+  # The lock died with the killed process: a rerun starts.
+  rc, out = run(env, tmp_path)
+  assert rc == 0, out
 
 
 def test_memory_that_cannot_fit_is_caught_before_allocation(data_env, capsys, tmp_path):

@@ -16,6 +16,7 @@ Resume order (the one place it is written down):
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -59,6 +60,44 @@ def check_workdir(workdir: str) -> str:
     raise CheckpointError(f"work directory {workdir} is not writable ({e.strerror}); "
                           "choose another --workdir") from e
   return workdir
+
+
+LOCK_FILE = ".memorizing-train.lock"
+
+
+class WorkdirLock:
+  """An exclusive OS lock (flock) on the work directory for one training run.
+
+  The kernel releases it when the process ends, however it ends (SIGKILL
+  included), so a rerun after a crash resumes; a second training started in
+  the same directory while the first runs gets a one-line error. Only process
+  0 of a multi-host run takes it (the processes of one run share a workdir).
+  """
+
+  def __init__(self, workdir: str):
+    self._file = None
+    if jax.process_index() != 0:
+      return
+    path = os.path.join(workdir, LOCK_FILE)
+    self._file = open(path, "a+")
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or "another process"
+      self._file.close()
+      self._file = None
+      raise CheckpointError(f"another training is running in {workdir} ({holder}); wait for "
+                            "it to end or choose another --workdir") from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(f"pid {os.getpid()}")
+    self._file.flush()
+
+  def release(self) -> None:
+    if self._file is not None:
+      self._file.close()   # closing the descriptor drops the lock
+      self._file = None
 
 
 def _abstract(tree, shardings):

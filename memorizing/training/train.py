@@ -157,14 +157,16 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
   `backend` searches the kNN memory in training and evaluation; by default the
   run makes one (`knn.make_backend(model_config)`) and closes it at the end.
   """
+  lock = ckpt_lib.WorkdirLock(ckpt_lib.check_workdir(workdir))
   own = backend is None
-  if own:
-    backend = knn.make_backend(model_config)
   try:
+    if own:
+      backend = knn.make_backend(model_config)
     return _train_and_evaluate(model_config, cfg, workdir, init_from, backend)
   finally:
     if own and backend is not None:
       backend.close()
+    lock.release()
 
 
 def _train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str,
