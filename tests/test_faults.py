@@ -230,6 +230,18 @@ def test_a_second_training_in_a_running_workdir_is_one_line(env, data_env, capsy
   assert rc == 0, out
 
 
+def test_resume_with_another_memory_size_names_both_sizes(env, data_env, capsys, tmp_path):
+  rc, out = run(env, tmp_path)
+  assert rc == 0, out
+  before = steps_of(tmp_path)
+  err = _one_clear_error(*_train_in_process(capsys, tmp_path, "ModelConfig.memory_size=128",
+                                            f"TrainConfig.num_steps={NUM_STEPS + 2}"),
+                         "holds a kNN memory of 64 entries per row and head, but "
+                         "ModelConfig.memory_size is 128")
+  assert "unreadable" not in err
+  assert steps_of(tmp_path) == before       # nothing moved aside
+
+
 def test_memory_that_cannot_fit_is_caught_before_allocation(data_env, capsys, tmp_path):
   # 2 rows x 2 heads x 2**20 slots x 16 dims x 2 x 4 bytes = 0.5 GiB > 90% of a 0.25 GiB budget
   err = _one_clear_error(*_train_in_process(

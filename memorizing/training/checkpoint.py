@@ -307,6 +307,7 @@ def resume(manager: CheckpointManager, abstract_state, shardings,
     saved = _saved_params_metadata(manager.directory, step)
     if saved is not None:
       _check_shapes(abstract_state.params, saved, f"checkpoint {step} in {manager.directory}")
+    _check_carried_shapes(abstract_state.carried, manager.directory, step)
     try:
       state, position, has_carried = manager.restore(step, abstract_state, shardings)
     except CheckpointError:
@@ -335,6 +336,45 @@ def resume(manager: CheckpointManager, abstract_state, shardings,
     return (jax.device_put(state, shardings), None, False,
             f"initialised from {init_from} step {step}{added}")
   return jax.device_put(state, shardings), None, False, "started from scratch"
+
+
+def _check_carried_shapes(abstract_carried, directory: str, step: int) -> None:
+  """A carried state saved with another memory size or batch is a config error,
+  said once from the metadata, not a chain of "unreadable" checkpoints."""
+  try:
+    tree = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "carried"))
+    saved = traverse_util.flatten_dict(_as_dict(getattr(tree, "item_metadata", tree)), sep="/")
+  except Exception:  # noqa: BLE001 - no carried state saved, or unreadable: handled by restore
+    return
+  wanted = traverse_util.flatten_dict(_as_dict(abstract_carried), sep="/")
+  for name, value in saved.items():
+    shape = tuple(getattr(value, "shape", None) or ())
+    if name not in wanted or tuple(wanted[name].shape) == shape:
+      continue
+    want = tuple(wanted[name].shape)
+    if name.startswith("memory/") and name.endswith("/keys") and shape[:2] == want[:2]:
+      raise CheckpointError(
+          f"checkpoint {step} in {directory} holds a kNN memory of {shape[2]} entries per "
+          f"row and head, but ModelConfig.memory_size is {want[2]}; resume with "
+          f"memory_size={shape[2]}, or start another --workdir (--init_from {directory} "
+          "takes the parameters). The checkpoints are left as they are")
+    raise CheckpointError(
+        f"checkpoint {step} in {directory} holds carried state {name} of shape {shape}, this "
+        f"run needs {want} (batch size, memory size or model shape changed); resume with the "
+        "settings that saved it, or start another --workdir. The checkpoints are left as "
+        "they are")
+
+
+def _as_dict(tree):
+  """Nested dicts of a pytree of dataclasses/dicts (CarriedState, XLCache, MemoryState);
+  leaves are whatever has a shape (arrays, ShapeDtypeStruct, orbax ArrayMetadata)."""
+  if hasattr(tree, "shape"):
+    return tree
+  if hasattr(tree, "__dataclass_fields__"):
+    return {k: _as_dict(getattr(tree, k)) for k in tree.__dataclass_fields__}
+  if isinstance(tree, dict) or hasattr(tree, "items"):
+    return {k: _as_dict(v) for k, v in dict(tree).items()}
+  return tree
 
 
 def _saved_params_metadata(directory: str, step: int):
