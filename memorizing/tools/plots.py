@@ -102,7 +102,9 @@ def plot_training_curves(runs: Dict[str, str], path: str) -> str:
     if not train:
       continue
     color = f"C{i % 10}"
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], color=color, label=label)
+    # A single log point is a marker (a line of one point draws nothing).
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], color=color, label=label,
+            marker="o" if len(train) == 1 else None)
     ev = [r for r in records if r.get("kind") in ("eval", "eval_with_memory") and "loss" in r]
     if ev:
       ax.plot([r["step"] for r in ev], [r["loss"] for r in ev], "o", color=color,

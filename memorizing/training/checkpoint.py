@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import zlib
@@ -61,6 +62,16 @@ def check_workdir(workdir: str) -> str:
                           "choose another --workdir") from e
   return workdir
 
+
+class _DropMissingMetadataNotice(logging.Filter):
+  """orbax logs "Metadata file does not exist" (absl WARNING) for every checkpoint
+  read; our checkpoints do not write that optional file, so the notice is noise."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "Metadata file does not exist" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropMissingMetadataNotice())
 
 LOCK_FILE = ".memorizing-train.lock"
 

@@ -128,4 +128,14 @@ def print_eval_table(results: Dict[str, Dict[str, float]], model_config,
   for name, r in results.items():
     print(f"{name:18s} {r['perplexity']:10.3f} {r['bits_per_byte']:9.4f} {r['tokens']:9d} "
           f"{r['documents']:5d}")
+  buckets = [k[len("perplexity_"):] for k in next(iter(results.values()), {})
+             if k.startswith("perplexity_")]
+  buckets = [b for b in buckets if any(r.get(f"tokens_{b}", 0) for r in results.values())]
+  if buckets:
+    print("perplexity by position in the document (tokens):")
+    print(f"{'':18s} " + " ".join(f"{b:>11s}" for b in buckets))
+    for name, r in results.items():
+      cells = [f"{r[f'perplexity_{b}']:11.3f}" if r.get(f"tokens_{b}") else f"{'-':>11s}"
+               for b in buckets]
+      print(f"{name:18s} " + " ".join(cells))
   print(flush=True)
