@@ -5,8 +5,13 @@ setuptools.setup(
     name="memorizing",
     version="0.1.0",
     description="Memorizing Transformers (Wu et al., ICLR 2022) in JAX/Flax",
-    packages=setuptools.find_packages(include=["memorizing", "memorizing.*"]),
-    package_data={"memorizing": ["../configs/*.gin"]},
+    # The gin configs (configs/ in the repository) install as memorizing/configs/,
+    # found from any directory (memorizing/tools/gin_config.py).
+    packages=setuptools.find_packages(include=["memorizing", "memorizing.*"]) + [
+        "memorizing.configs"],
+    package_dir={"memorizing.configs": "configs"},
+    package_data={"memorizing.configs": ["*.gin", "*/*.gin", "*/*/*.gin", "*/*.yaml",
+                                         "*/*/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         # Ranges checked against jax 0.10 (CPU CI) and jax 0.11 (GPU host).
@@ -29,7 +34,8 @@ setuptools.setup(
     extras_require={
         "scann": ["scann==1.4.2"],
         "plots": ["matplotlib>=3.7"],
-        "test": ["pytest>=7"],
+        # wheel: tests/test_packaging.py builds the wheel offline (--no-build-isolation).
+        "test": ["pytest>=7", "wheel"],
         # Preparing the official corpora (pg19, arxiv from GCS; C4 with Beam) only.
         "prepare": ["tensorflow==2.20.*", "apache-beam>=2.50"],
     },
@@ -38,6 +44,9 @@ setuptools.setup(
             "memorizing-train=memorizing.cli:train_main",
             "memorizing-eval=memorizing.cli:eval_main",
             "memorizing-sweep=memorizing.cli:sweep_main",
+            "memorizing-prepare=memorizing.cli:prepare_main",
+            "memorizing-tokenizer=memorizing.cli:tokenizer_main",
+            "memorizing-plot=memorizing.cli:plot_main",
         ]
     },
 )

@@ -1,13 +1,13 @@
-"""Console entry points: memorizing-train, memorizing-eval, memorizing-sweep.
+"""Console entry points: memorizing-train, -eval, -sweep, -prepare, -tokenizer, -plot.
 
-Also `python -m memorizing.cli train|eval|sweep [flags]`. The commands are in
+Also `python -m memorizing.cli train|eval|sweep|prepare|tokenizer|plot [flags]`. The commands are in
 memorizing/tools/ (commands.py, sweep.py); user errors are reported there.
 """
 from __future__ import annotations
 
 import sys
 
-from memorizing.tools import commands, sweep
+from memorizing.tools import commands, plots, prepare, sweep, tokenizer
 
 # Kept here for callers of the old names.
 CONFIG_DIR = commands.CONFIG_DIR
@@ -31,9 +31,22 @@ def sweep_main(argv=None) -> int:
   return commands.run(sweep.main, _argv(argv))
 
 
+def prepare_main(argv=None) -> int:
+  return commands.run(prepare.main, _argv(argv))
+
+
+def tokenizer_main(argv=None) -> int:
+  return commands.run(tokenizer.main, _argv(argv))
+
+
+def plot_main(argv=None) -> int:
+  return commands.run(plots.main, _argv(argv))
+
+
 def main(argv=None) -> int:
   argv = _argv(argv)
-  entry_points = {"train": train_main, "eval": eval_main, "sweep": sweep_main}
+  entry_points = {"train": train_main, "eval": eval_main, "sweep": sweep_main,
+                  "prepare": prepare_main, "tokenizer": tokenizer_main, "plot": plot_main}
   if not argv or argv[0] not in entry_points:
     print(f"usage: python -m memorizing.cli {{{'|'.join(entry_points)}}} [flags]", file=sys.stderr)
     return 2

@@ -169,7 +169,7 @@ def test_unknown_dataset_lists_the_known_ones(tmp_path):
 def test_unprepared_data_dir_names_the_prepare_command(tmp_path, name):
   with pytest.raises(DatasetError) as e:
     load_documents(name, "train", str(tmp_path))
-  assert f"python scripts/prepare_data.py {name} --data_dir {tmp_path}" in str(e.value)
+  assert f"memorizing-prepare {name} --data_dir {tmp_path}" in str(e.value)
   assert not os.listdir(tmp_path)  # nothing downloaded or created
 
 
@@ -179,15 +179,10 @@ def test_unknown_split_lists_the_splits(official_dir):
 
 
 def test_prepare_script_reports_errors_in_one_line(tmp_path, capsys):
-  import importlib.util
-  import pathlib
-  script = pathlib.Path(__file__).parents[1] / "scripts" / "prepare_data.py"
-  spec = importlib.util.spec_from_file_location("prepare_data", script)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  assert module.main(["pg91", "--data_dir", str(tmp_path)]) == 1
+  from memorizing import cli
+  assert cli.prepare_main(["pg91", "--data_dir", str(tmp_path)]) == 1
   assert "Unknown dataset 'pg91'" in capsys.readouterr().err
-  assert module.main(["text_files", "--data_dir", str(tmp_path)]) == 1
+  assert cli.prepare_main(["text_files", "--data_dir", str(tmp_path)]) == 1
   assert "--source" in capsys.readouterr().err
 
 

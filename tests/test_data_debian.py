@@ -263,13 +263,8 @@ def test_failing_download_quotes_apt_get(tmp_path, monkeypatch, capsys):
                     "resolving' >&2\nexit 100\n")
   script.chmod(0o755)
   monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-  import importlib.util
-  import pathlib
-  path = pathlib.Path(__file__).parents[1] / "scripts" / "prepare_data.py"
-  spec = importlib.util.spec_from_file_location("prepare_data", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  assert module.main(["perl_doc", "--data_dir", str(tmp_path / "data")]) == 1
+  from memorizing import cli
+  assert cli.prepare_main(["perl_doc", "--data_dir", str(tmp_path / "data")]) == 1
   err = capsys.readouterr().err.strip()
   assert "\n" not in err and "perl-doc" in err and "exit 100" in err
   assert "E: Failed to fetch" in err and "--source PATH" in err
@@ -285,4 +280,4 @@ def test_debian_corpora_are_registered_with_their_prepare_command(tmp_path):
     assert registry.DATASETS[name].splits == ("train", "validation")
     with pytest.raises(registry.DatasetError) as e:
       load_documents(name, "train", str(tmp_path))
-    assert f"python scripts/prepare_data.py {name} --data_dir {tmp_path}" in str(e.value)
+    assert f"memorizing-prepare {name} --data_dir {tmp_path}" in str(e.value)

@@ -83,21 +83,16 @@ def test_missing_sentencepiece_model_names_the_path_and_the_training_script(tmp_
   path = str(tmp_path / "nope.model")
   with pytest.raises(FileNotFoundError) as e:
     get_tokenizer(path)
-  assert path in str(e.value) and "scripts/train_tokenizer.py" in str(e.value)
+  assert path in str(e.value) and "memorizing-tokenizer" in str(e.value)
 
 
 def test_train_tokenizer_script_writes_a_round_tripping_model(tmp_path, capsys):
-  import importlib.util
-  import pathlib
-  script = pathlib.Path(__file__).parents[1] / "scripts" / "train_tokenizer.py"
-  spec = importlib.util.spec_from_file_location("train_tokenizer", script)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  from memorizing import cli
   for k, text in enumerate(CODE_SAMPLES):
     (tmp_path / f"f{k}.py").write_text(text * 3)
   out = tmp_path / "tok.model"
-  assert module.main(["--input", str(tmp_path / "*.py"), "--vocab_size", "400",
-                      "--output", str(out)]) == 0
+  assert cli.tokenizer_main(["--input", str(tmp_path / "*.py"), "--vocab_size", "400",
+                            "--output", str(out)]) == 0
   assert "exact round trip: True" in capsys.readouterr().out
   assert SentencePieceTokenizer(str(out)).decode(SentencePieceTokenizer(str(out)).encode(
       CODE_SAMPLES[1])) == CODE_SAMPLES[1]

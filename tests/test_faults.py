@@ -134,13 +134,13 @@ def test_data_dir_not_prepared_names_the_prepare_command(data_env, capsys, tmp_p
   empty = tmp_path / "empty_data"
   _one_clear_error(*_train_in_process(capsys, tmp_path / "w", "TrainConfig.dataset='text_files'",
                                       f"TrainConfig.data_dir='{empty}'"),
-                   "is not prepared", f"python scripts/prepare_data.py text_files --data_dir {empty}")
+                   "is not prepared", f"memorizing-prepare text_files --data_dir {empty}")
 
 
 def test_empty_split(data_env, capsys, tmp_path):
   _one_clear_error(*_train_in_process(capsys, tmp_path, "TrainConfig.train_split='train[:0]'"),
                    "split 'train[:0]' of dataset 'synthetic' has no documents",
-                   "scripts/prepare_data.py synthetic")
+                   "memorizing-prepare synthetic")
 
 
 def test_num_neighbors_larger_than_memory_names_the_field(data_env, capsys, tmp_path):

@@ -1,5 +1,5 @@
 """memorizing-sweep: grid parsing, a 2x2 sweep of tiny points that writes the table
-and plots, a re-run that skips finished points, --print_commands, scripts/plot.py."""
+and plots, a re-run that skips finished points, --print_commands, memorizing-plot."""
 import csv
 import json
 import os
@@ -108,7 +108,7 @@ def test_2x2_sweep_writes_table_and_plots_and_rerun_skips(tmp_path, capsys):
   assert [r["perplexity"] for r in again] == [r["perplexity"] for r in rows]
   assert {r["status"] for r in again} == {"done (skipped)"}
 
-  # One finished point's directory also plots on its own (what scripts/plot.py calls).
+  # One finished point's directory also plots on its own (what memorizing-plot calls).
   workdir = sweep_dir / rows[0]["point"]
   assert plots.main(["--workdir", str(workdir), "--out_dir", str(tmp_path / "p")]) == 0
   assert sorted(os.listdir(tmp_path / "p")) == [
@@ -116,7 +116,7 @@ def test_2x2_sweep_writes_table_and_plots_and_rerun_skips(tmp_path, capsys):
 
 
 def test_plot_script_help():
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot.py"), "--help"],
+  proc = subprocess.run([sys.executable, "-m", "memorizing.cli", "plot", "--help"],
                         capture_output=True, text=True, cwd=ROOT)
   assert proc.returncode == 0 and "--sweep_dir" in proc.stdout
 

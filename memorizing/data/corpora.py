@@ -175,14 +175,14 @@ class TextFiles(_LocalCorpus):
     """Raise ValueError now, before building, when the source holds no files."""
     if not self.source:
       raise DatasetError("text_files needs a source: a directory or a glob of text files "
-                       "(prepare_data.py text_files --source PATH_OR_GLOB)")
+                       "(memorizing-prepare text_files --source PATH_OR_GLOB)")
     if len(list_text_files(self.source)[1]) < 2:
       raise DatasetError(f"text_files: {self.source!r} matches fewer than 2 files")
 
   def documents(self) -> List[Document]:
     if not self.source:
       raise DatasetError("text_files needs a source: a directory or a glob of text files "
-                       "(prepare_data.py text_files --source PATH_OR_GLOB)")
+                       "(memorizing-prepare text_files --source PATH_OR_GLOB)")
     root, files = list_text_files(self.source)
     docs = []
     for f in files:

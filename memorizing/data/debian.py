@@ -46,7 +46,7 @@ File = Tuple[str, bytes]  # (path relative to the corpus root, text)
 def _by_hand(package: str, name: str) -> str:
   return (f"download it where the network allows (apt-get download {package}) and pass "
           f"--source PATH (the .deb, or a directory it was extracted into with dpkg -x): "
-          f"python scripts/prepare_data.py {name} --data_dir DIR --source PATH")
+          f"memorizing-prepare {name} --data_dir DIR --source PATH")
 
 
 def _run(args: Sequence[str], package: str, name: str, cwd: Optional[str] = None) -> str:

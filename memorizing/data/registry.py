@@ -34,7 +34,7 @@ class DatasetSpec:
   splits:       split names
   builder:      local builder class (None for TFDS catalogue data sets)
   embedded:     built automatically, offline, on first use
-  prepare_args: extra arguments prepare_data.py needs (shown in messages)
+  prepare_args: extra arguments memorizing-prepare needs (shown in messages)
   """
   name: str
   tfds_name: str
@@ -89,7 +89,7 @@ def get_spec(name: str) -> DatasetSpec:
 
 def prepare_command(name: str, data_dir: str) -> str:
   """The shell command that prepares `name` into `data_dir`."""
-  return f"python scripts/prepare_data.py {name} --data_dir {data_dir}{get_spec(name).prepare_args}"
+  return f"memorizing-prepare {name} --data_dir {data_dir}{get_spec(name).prepare_args}"
 
 
 def prepare(name: str, data_dir: Optional[str] = None, **options) -> str:

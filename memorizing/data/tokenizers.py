@@ -16,7 +16,7 @@ from memorizing.errors import DatasetError, MissingFileError
 Text = Union[str, bytes]
 
 TRAIN_TOKENIZER_COMMAND = (
-    "python scripts/train_tokenizer.py --dataset python_stdlib --vocab_size 32000 "
+    "memorizing-tokenizer --dataset python_stdlib --vocab_size 32000 "
     "--output {path}")
 
 
@@ -92,7 +92,7 @@ class ByteTokenizer(Tokenizer):
 class SentencePieceTokenizer(Tokenizer):
   """A SentencePiece model loaded from `model_path`.
 
-  Models trained by scripts/train_tokenizer.py round-trip text exactly
+  Models trained by memorizing-tokenizer round-trip text exactly
   (identity normalisation, byte fallback, no dummy prefix). Bytes that are
   not valid UTF-8 are replaced by U+FFFD before encoding.
   """
@@ -136,7 +136,7 @@ def get_tokenizer(name_or_path: str) -> Tokenizer:
     return SentencePieceTokenizer(os.path.expanduser(str(name_or_path)))
   raise DatasetError(
       f"Unknown tokenizer {name_or_path!r}: use 'bytes' or the path of a SentencePiece "
-      ".model file (train one with scripts/train_tokenizer.py)")
+      ".model file (train one with memorizing-tokenizer)")
 
 
 def _lines(texts: Iterable[Text], max_bytes: Optional[int]) -> Iterable[str]:

@@ -16,8 +16,17 @@ import gin
 from memorizing.errors import UsageError, UserError
 from memorizing.model.config import ModelConfig, TrainConfig
 
-CONFIG_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+def _config_dir() -> str:
+  """configs/ of the repository (a source checkout or an editable install), else the
+  copy installed inside the package (memorizing/configs/ in a wheel)."""
+  package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repository = os.path.join(os.path.dirname(package), "configs")
+  if os.path.isfile(os.path.join(repository, "base.gin")):
+    return repository
+  return os.path.join(package, "configs")
+
+
+CONFIG_DIR = _config_dir()
 
 # Registered once, by these names: gin files bind `ModelConfig.x` and `TrainConfig.x`.
 _GIN_MODEL_CONFIG = gin.external_configurable(ModelConfig, "ModelConfig")

@@ -12,12 +12,12 @@ model evaluated with several memory sizes) and, failing those, from the final
 `eval_with_memory` / `eval_memory_disabled` records of metrics.jsonl. A sweep
 directory's come from each point's results.json.
 
-    python scripts/plot.py --workdir DIR      # or --sweep_dir DIR; writes DIR/plots/
+    memorizing-plot --workdir DIR      # or --sweep_dir DIR; writes DIR/plots/
 
 A sweep's one JSON of all results (sweep_results.json; the committed Table 4
 results in docs/results/ have the same layout) gives three more (`plot_results`):
 
-    python scripts/plot.py --results docs/results/repro_table4_h200_4000steps.json \
+    memorizing-plot --results docs/results/repro_table4_h200_4000steps.json \
         --out_dir docs/img --prefix repro_
 """
 from __future__ import annotations
@@ -387,7 +387,7 @@ def plot_results(path: str, out_dir: str, prefix: str = "") -> List[str]:
 
 
 def main(argv: Sequence[str]) -> int:
-  p = argparse.ArgumentParser(prog="plot.py", description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog="memorizing-plot", description=__doc__.split("\n\n")[0])
   group = p.add_mutually_exclusive_group(required=True)
   group.add_argument("--workdir", help="a training work directory")
   group.add_argument("--sweep_dir", help="a memorizing-sweep directory")
@@ -397,18 +397,14 @@ def main(argv: Sequence[str]) -> int:
                  help="default: DIR/plots (with --results: the JSON's folder)")
   p.add_argument("--prefix", default="", help="--results: prefix of the PNG names")
   args = p.parse_args(list(argv))
-  try:
-    if args.results:
-      written = plot_results(args.results,
-                             args.out_dir or os.path.dirname(os.path.abspath(args.results)),
-                             args.prefix)
-    elif args.workdir:
-      written = plot_workdir(args.workdir, args.out_dir)
-    else:
-      written = plot_sweep(args.sweep_dir, args.out_dir)
-  except PlotError as e:
-    print(f"plot.py: error: {e}", file=sys.stderr)
-    return 1
+  if args.results:
+    written = plot_results(args.results,
+                           args.out_dir or os.path.dirname(os.path.abspath(args.results)),
+                           args.prefix)
+  elif args.workdir:
+    written = plot_workdir(args.workdir, args.out_dir)
+  else:
+    written = plot_sweep(args.sweep_dir, args.out_dir)
   for w in written:
     print(f"wrote {w}")
   return 0

@@ -45,7 +45,7 @@ prints one shell line per unfinished job for a cluster.
 Collected at the end, from whatever is done: SWEEP_DIR/results.csv and
 results.md (one line per job with its config), SWEEP_DIR/sweep_results.json
 (every job: config, status, times, train log, results; plotted with
-`python scripts/plot.py --results SWEEP_DIR/sweep_results.json`) and the plots
+`memorizing-plot --results SWEEP_DIR/sweep_results.json`) and the plots
 in SWEEP_DIR/plots/.
 """
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Prepare a named data set as ArrayRecord under --data_dir (once).
 
-  python scripts/prepare_data.py python_stdlib --data_dir ~/tensorflow_datasets
-  python scripts/prepare_data.py text_files --data_dir DIR --source 'my_corpus/**/*.txt'
-  python scripts/prepare_data.py linux_c --data_dir DIR        # apt-get download; or --source PATH
-  python scripts/prepare_data.py coq_stdlib --data_dir DIR     # (the .deb, or the directory it
-  python scripts/prepare_data.py perl_doc --data_dir DIR       #  was extracted into with dpkg -x)
-  python scripts/prepare_data.py pg19 --data_dir DIR            # network + pip install -e '.[prepare]'
-  python scripts/prepare_data.py arxiv --data_dir DIR           # network
-  python scripts/prepare_data.py c4_4k --data_dir DIR --c4_json 'c4/en/c4-{split}.*.json.gz' \
+  memorizing-prepare python_stdlib --data_dir ~/tensorflow_datasets
+  memorizing-prepare text_files --data_dir DIR --source 'my_corpus/**/*.txt'
+  memorizing-prepare linux_c --data_dir DIR        # apt-get download; or --source PATH
+  memorizing-prepare coq_stdlib --data_dir DIR     # (the .deb, or the directory it
+  memorizing-prepare perl_doc --data_dir DIR       #  was extracted into with dpkg -x)
+  memorizing-prepare pg19 --data_dir DIR            # network + pip install -e '.[prepare]'
+  memorizing-prepare arxiv --data_dir DIR           # network
+  memorizing-prepare c4_4k --data_dir DIR --c4_json 'c4/en/c4-{split}.*.json.gz' \
       --tokenizer bytes --min_tokens 4096
 
 Training and evaluation then read the data without TensorFlow.
@@ -15,15 +15,14 @@ Training and evaluation then read the data without TensorFlow.
 import argparse
 import glob
 import os
-import sys
 
 from memorizing.data import registry, stats
-from memorizing.errors import UserError
 from memorizing.data.tokenizers import get_tokenizer
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(prog="memorizing-prepare", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("name", help=f"one of: {', '.join(registry.DATASETS)}")
   p.add_argument("--data_dir", default=registry.default_data_dir())
   p.add_argument("--source", help="text_files: a directory or a glob of text files; "
@@ -62,21 +61,13 @@ def main(argv=None):
         options["json_files"] = {"train": args.c4_json.format(split="train")}  # -> clear error
   if args.overwrite:
     options["overwrite"] = True
-  try:
-    print(registry.prepare(args.name, data_dir, **options))
-    spec = registry.get_spec(args.name)
-    if spec.builder is not None and args.name != "c4_4k" and args.tokenizer != "bytes":
-      tokenizer = get_tokenizer(args.tokenizer)
-      lengths = {}
-      for split in spec.splits:
-        docs = registry.load_documents(args.name, split, data_dir)
-        lengths[split] = [len(tokenizer.encode(docs[i])) for i in range(len(docs))]
-      print(stats.corpus_summary(args.name, lengths, os.path.basename(args.tokenizer)))
-  except UserError as e:   # a bug keeps its traceback
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  print(registry.prepare(args.name, data_dir, **options))
+  spec = registry.get_spec(args.name)
+  if spec.builder is not None and args.name != "c4_4k" and args.tokenizer != "bytes":
+    tokenizer = get_tokenizer(args.tokenizer)
+    lengths = {}
+    for split in spec.splits:
+      docs = registry.load_documents(args.name, split, data_dir)
+      lengths[split] = [len(tokenizer.encode(docs[i])) for i in range(len(docs))]
+    print(stats.corpus_summary(args.name, lengths, os.path.basename(args.tokenizer)))
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
