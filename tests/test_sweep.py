@@ -76,6 +76,18 @@ def test_bad_grid_is_one_clear_error(tmp_path, capsys):
   assert "no grid" in capsys.readouterr().err
 
 
+def test_unparsable_grid_file_is_one_line_with_its_position(tmp_path, capsys):
+  bad = tmp_path / "bad.yaml"
+  bad.write_text("grid: [a\n  b: c")
+  assert cli.sweep_main(["--grid_file", str(bad), "--sweep_dir", str(tmp_path / "s")]) == 1
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "is not valid YAML (line 2, column 4)" in err, err
+  bad_json = tmp_path / "bad.json"
+  bad_json.write_text("{")
+  assert cli.sweep_main(["--grid_file", str(bad_json), "--sweep_dir", str(tmp_path / "s")]) == 1
+  assert "is not valid JSON" in capsys.readouterr().err
+
+
 def test_2x2_sweep_writes_table_and_plots_and_rerun_skips(tmp_path, capsys):
   data_dir, sweep_dir = tmp_path / "data", tmp_path / "sweep"
   assert cli.sweep_main(base_flags(sweep_dir, data_dir) + GRID) == 0

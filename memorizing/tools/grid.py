@@ -99,10 +99,19 @@ def load_grid_file(path: str) -> Dict[str, Any]:
   with open(path) as f:
     text = f.read()
   if path.endswith(".json"):
-    spec = json.loads(text)
+    try:
+      spec = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise SweepError(f"{path} is not valid JSON: {e}") from e
   else:
     import yaml  # only a YAML sweep file needs it
-    spec = yaml.safe_load(text)
+    try:
+      spec = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+      where = getattr(e, "problem_mark", None)
+      at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+      raise SweepError(f"{path} is not valid YAML{at}: "
+                       f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}") from e
   if not isinstance(spec, dict) or not isinstance(spec.get("grid", {}), dict):
     raise SweepError(f"{path}: expected a mapping with 'grid: {{Name: [values]}}' and "
                      "optional 'gin_file', 'gin_param', 'seeds', 'rows' and 'evals'")
