@@ -39,8 +39,20 @@ its checkpoint. `--only a,b` runs only those jobs. `--deadline_s T` is a time
 guard: a job that would not end T seconds after the sweep started (estimated
 from the jobs already run: seconds per training step, eval time) is skipped
 and recorded as such. Jobs run in this process (gin is cleared before each;
-the default) or as subprocesses (`--launcher subprocess`); `--print_commands`
-prints one shell line per unfinished job for a cluster.
+the default) or as subprocesses (`--launcher subprocess`); `--parallel N` runs
+up to N subprocess jobs at once on the same device(s), each with
+XLA_PYTHON_CLIENT_MEM_FRACTION = 0.9/N (`--mem_fraction`) and its output in a
+log file of its workdir, a job starting once the run it needs has results;
+`--print_commands` prints one shell line per unfinished job for a cluster.
+
+Per-corpus steps, before any job (memorizing/tools/protocol.py): `--source DIR`
+prepares TrainConfig.dataset from DIR; a recipe with TrainConfig.tokenizer =
+'spm:N' gets a SentencePiece model of N pieces trained on the train split
+(once per sweep directory), bound with ModelConfig.vocab_size = N. A config
+that binds TrainConfig.eval_max_documents evaluates that many documents.
+`--summary FILE` merges one record per (row, evaluation) into a JSON list that
+accumulates across corpora and seeds (configs/experiments/table4_protocol.yaml,
+memorizing-table4).
 
 Collected at the end, from whatever is done: SWEEP_DIR/results.csv and
 results.md (one line per job with its config), SWEEP_DIR/sweep_results.json

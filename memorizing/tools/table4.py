@@ -9,6 +9,8 @@ It only builds and runs this memorizing-sweep command (printed first):
       --gin_param "TrainConfig.dataset = 'NAME'" [--gin_param "TrainConfig.data_dir = 'D'"] \\
       --seeds 0 --parallel 6 --summary docs/results/table4_summary.json [--source DIR] ...
 
+`memorizing-table4 --merge GPU_SUMMARY.json` merges a summary written elsewhere (a
+GPU machine's $OUT) into docs/results/table4_summary.json.
 The recipe is configs/experiments/table4_protocol.gin; `--tokenizer spm:8192`
 and `--steps 4800` override its tokenizer and length; any other flag goes to
 memorizing-sweep unchanged (`--only xl,mem8192`, `--deadline_s 560`, ...).
@@ -16,12 +18,14 @@ memorizing-sweep unchanged (`--only xl,mem8192`, `--deadline_s 560`, ...).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import tempfile
 from typing import List, Sequence
 
-from memorizing.tools import sweep
+from memorizing.errors import UsageError
+from memorizing.tools import protocol, sweep
 
 PROTOCOL = "experiments/table4_protocol.yaml"
 SUMMARY = os.path.join("docs", "results", "table4_summary.json")
@@ -33,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
       description="Run the small-scale Table-4 protocol (configs/experiments/table4_protocol.gin "
                   "and .yaml) on one data set through memorizing-sweep; unknown flags go to "
                   "memorizing-sweep.")
-  p.add_argument("--dataset", required=True, help="TrainConfig.dataset (a registered name)")
+  p.add_argument("--dataset", help="TrainConfig.dataset (a registered name)")
   p.add_argument("--data_dir", default=None, help="TrainConfig.data_dir (default: "
                  "$MEMORIZING_DATA_DIR or ~/tensorflow_datasets; with --source: SWEEP_DIR/data)")
   p.add_argument("--source", default=None,
@@ -49,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--summary", default=SUMMARY, help=f"summary JSON to merge into ({SUMMARY})")
   p.add_argument("--parallel", type=int, default=6, help="jobs at once on the device (6)")
   p.add_argument("--protocol", default=PROTOCOL, help=f"the sweep file ({PROTOCOL})")
+  p.add_argument("--merge", action="append", default=[],
+                 help="run nothing: merge the records of this summary JSON (e.g. one written "
+                      "on a GPU machine) into --summary (repeatable)")
   return p
 
 
@@ -76,6 +83,15 @@ def sweep_argv(args: argparse.Namespace, rest: Sequence[str]) -> List[str]:
 
 def main(argv: Sequence[str]) -> int:
   args, rest = build_parser().parse_known_args(list(argv))
+  if args.merge:
+    for path in args.merge:
+      with open(path) as f:
+        records = json.load(f)
+      total = protocol.merge_summary(args.summary, records)
+      print(f"merged {len(records)} records of {path} into {args.summary} ({total} records)")
+    return 0
+  if not args.dataset:
+    raise UsageError("--dataset NAME is required (or --merge FILE)")
   command = sweep_argv(args, rest)
   print("memorizing-sweep " + " ".join(shlex.quote(a) for a in command), flush=True)
   return sweep.main(command)
