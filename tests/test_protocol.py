@@ -221,3 +221,24 @@ def test_spm_tokenizer_is_trained_once_and_bound(tmp_path, monkeypatch, capsys):
   with open(tmp_path / "s.json") as f:
     assert {(r["tokenizer"], r["row"]) for r in json.load(f)} == {("spm:280", "xl"),
                                                                   ("spm:280", "no_xl")}
+
+
+def test_source_is_prepared_once_and_names_the_dataset(tmp_path, monkeypatch, capsys):
+  corpus = tmp_path / "my_corpus"
+  corpus.mkdir()
+  for i in range(6):
+    (corpus / f"f{i}.txt").write_text(f"document {i}\n" * (50 + i))
+  fake = FakeRuns(sleep=0)
+  monkeypatch.setattr(sweep, "_call", fake)
+  flags = ["--dataset", "text_files", "--source", str(corpus), "--sweep_dir",
+           str(tmp_path / "sweep"), "--summary", str(tmp_path / "s.json"), "--parallel", "2",
+           "--no_plots", "--only", "xl_seed-0"]
+  assert table4.main(flags) == 0
+  data_dir = tmp_path / "sweep" / "data"
+  assert "preparing text_files from" in capsys.readouterr().out
+  assert len(registry.load_documents("text_files", "train", str(data_dir))) >= 1
+  train = [a for w, a in fake.argvs if w == "train"][0]
+  assert f"TrainConfig.data_dir = '{data_dir}'" in train
+  assert table4.main(flags) == 0 and "already prepared" in capsys.readouterr().out
+  with open(tmp_path / "s.json") as f:
+    assert {r["dataset"] for r in json.load(f)} == {"text_files/my_corpus"}

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, default=None,
                  help="override the recipe's TrainConfig.num_steps (fine-tunes keep theirs)")
   p.add_argument("--sweep_dir", default=None,
-                 help="default: $TMPDIR/table4/DATASET[_TOKENIZER][_STEPS]")
+                 help="default: $TMPDIR/table4/DATASET[_SOURCE][_TOKENIZER][_STEPS]")
   p.add_argument("--summary", default=SUMMARY, help=f"summary JSON to merge into ({SUMMARY})")
   p.add_argument("--parallel", type=int, default=6, help="jobs at once on the device (6)")
   p.add_argument("--protocol", default=PROTOCOL, help=f"the sweep file ({PROTOCOL})")
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 def sweep_argv(args: argparse.Namespace, rest: Sequence[str]) -> List[str]:
   """The memorizing-sweep flags of the protocol."""
   label = args.dataset
+  if args.source:                       # one sweep directory (and data) per source
+    source = os.path.expanduser(args.source).split("*")[0].rstrip("/")
+    label += "_" + (os.path.basename(source) or "source")
   suffix = "".join(f"_{x}" for x in (args.tokenizer and args.tokenizer.replace(":", ""),
                                      args.steps and f"{args.steps}steps") if x)
   sweep_dir = args.sweep_dir or os.path.join(tempfile.gettempdir(), "table4", label + suffix)
