@@ -242,3 +242,55 @@ def test_source_is_prepared_once_and_names_the_dataset(tmp_path, monkeypatch, ca
   assert table4.main(flags) == 0 and "already prepared" in capsys.readouterr().out
   with open(tmp_path / "s.json") as f:
     assert {r["dataset"] for r in json.load(f)} == {"text_files/my_corpus"}
+
+
+TINY_PROTOCOL = [
+    "ModelConfig.num_layers = 2", "ModelConfig.d_model = 32", "ModelConfig.num_heads = 2",
+    "ModelConfig.head_dim = 16", "ModelConfig.mlp_dim = 64", "ModelConfig.segment_length = 32",
+    "ModelConfig.num_neighbors = 8", "ModelConfig.knn_backend = 'exact'",
+    "ModelConfig.knn_options = ()", "TrainConfig.batch_size = 2", "TrainConfig.eval_batch_size = 2",
+    "TrainConfig.num_steps = 3", "TrainConfig.log_every = 1", "TrainConfig.prefetch = 0",
+    "TrainConfig.eval_max_document_tokens = 300", "FINETUNE_STEPS = 2",
+]
+
+
+@pytest.mark.slow
+def test_real_protocol_in_parallel(tmp_path):
+  """The protocol's recipe with a tiny model, real subprocesses two at a time: the xl
+  run, its fine-tune with an added memory (the gin macros reach the operative config
+  that memorizing-eval reads back), the 8K run and its 65K evaluation (about 3 minutes
+  on 2 cores)."""
+  flags = ["--dataset", "synthetic", "--data_dir", str(tmp_path / "data"), "--sweep_dir",
+           str(tmp_path / "sweep"), "--summary", str(tmp_path / "s.json"), "--parallel", "2",
+           "--no_plots", "--only",
+           "xl_seed-0,finetune_mem8192_seed-0,mem8192_seed-0,memory65536_seed-0"]
+  for p in TINY_PROTOCOL:
+    flags += ["--gin_param", p]
+  assert table4.main(flags) == 0
+  with open(tmp_path / "s.json") as f:
+    records = json.load(f)
+  assert {(r["row"], r["eval"]) for r in records} == {
+      ("xl", "memory"), ("mem8192", "memory"), ("mem8192", "disabled"),
+      ("mem8192", "memory65536"), ("finetune_mem8192", "memory"),
+      ("finetune_mem8192", "disabled")}
+  assert all(r["perplexity"] > 1 and r["steps"] == 3 for r in records)
+  ft = next(r for r in records if (r["row"], r["eval"]) == ("finetune_mem8192", "memory"))
+  assert ft["checkpoint_step"] == 2 and "memory" in ft
+  assert os.path.getsize(tmp_path / "sweep" / "finetune_mem8192_seed-0" / "train.log") > 0
+
+
+def test_parallel_scheduler_never_waits_on_a_cycle(tmp_path, monkeypatch):
+  mk = lambda name, ref=None: sweep.Job(name, "train", [], [], {}, str(tmp_path / name),
+                                        str(tmp_path / name / "results.json"), init_from=ref)
+  jobs = [mk("a", "b"), mk("b", "a"), mk("c"), mk("d", "c")]
+  order = []
+  monkeypatch.setattr(sweep, "run_job", lambda job, *a: order.append(job.name) or (
+      "done" if not job.init_from else "skipped"))
+  args = type("Args", (), {"parallel": 2})()
+  status, extra = {}, {j.name: {} for j in jobs}
+  worker = threading.Thread(target=sweep.run_parallel,
+                            args=(jobs, args, None, status, extra, set(), lambda: None))
+  worker.start()
+  worker.join(timeout=20)
+  assert not worker.is_alive() and set(status) == {"a", "b", "c", "d"}
+  assert order.index("d") > order.index("c")

@@ -335,12 +335,13 @@ def run_parallel(todo: Sequence[Job], args, guard: TimeGuard, status: Dict[str, 
         print(f"[sweep] {job.name}: {result} ({number}/{len(todo)})", flush=True)
         on_finish()
       waiting = {j.name for j in pending} | set(running)
-      for job in list(pending):
+      ready = [j for j in pending if not ((j.init_from or j.of) in waiting
+                                          and (j.init_from or j.of) != j.name)]
+      if not ready and pending and not running:
+        ready = pending[:1]          # references in a cycle: run_job skips it (no results)
+      for job in ready:
         if len(running) >= args.parallel:
           break
-        ref = job.init_from or job.of
-        if ref and ref in waiting:
-          continue
         pending.remove(job)
         started += 1
         print(f"[sweep] start {started}/{len(todo)}: {job.name} "
