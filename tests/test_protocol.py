@@ -119,8 +119,14 @@ class FakeRuns:
     return 0
 
 
+def no_backend_here():
+  raise AssertionError("the sweep's own process must not start a jax backend (on a GPU it "
+                       "would take the memory its parallel jobs share)")
+
+
 def run_protocol(tmp_path, fake, monkeypatch, *flags):
   monkeypatch.setattr(sweep, "_call", fake)
+  monkeypatch.setattr(sweep.jax, "devices", no_backend_here)
   argv = ["--dataset", "synthetic", "--data_dir", str(tmp_path / "data"), "--sweep_dir", str(tmp_path / "sweep"), "--summary",
           str(tmp_path / "summary.json"), "--parallel", "2", "--no_plots"] + list(flags)
   return table4.main(argv)

@@ -69,6 +69,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -451,11 +452,23 @@ def collect(sweep_dir: str, jobs: Sequence[Job], base_files, base_params,
   return rows
 
 
+def device_description(launcher: str, jobs: Sequence[Job] = ()) -> str:
+  """The devices the jobs ran on. With subprocess jobs this process never starts a
+  backend (on a GPU it would take the memory the jobs share): their logs say."""
+  if launcher == "inprocess":
+    dev = jax.devices()[0]
+    return f"{len(jax.devices())} x {getattr(dev, 'device_kind', dev.platform)}"
+  for job in jobs:
+    found = re.search(r"on (\d+) (\w+) device\(s\)", _tail(os.path.join(job.workdir,
+                                                                       "train.log"), 400))
+    if found:
+      return f"{found.group(1)} x {found.group(2)} (from {job.name}/train.log)"
+  return "subprocess jobs (their output says)"
+
+
 def write_sweep_results(sweep_dir: str, spec: dict, records: Dict[str, dict],
-                        start: float) -> str:
-  dev = jax.devices()[0]
-  report = {"sweep": spec,
-            "device": f"{len(jax.devices())} x {getattr(dev, 'device_kind', dev.platform)}",
+                        start: float, device: Optional[str] = None) -> str:
+  report = {"sweep": spec, "device": device or device_description("inprocess"),
             "jax": jax.__version__, "python": platform.python_version(),
             "elapsed_s": time.time() - start, "jobs": records}
   path = os.path.join(sweep_dir, SWEEP_RESULTS)
@@ -606,7 +619,8 @@ def main(argv: Sequence[str]) -> int:
     done = {j.name for j in jobs if os.path.exists(j.output)}
 
     def on_finish():
-      write_sweep_results(sweep_dir, sweep_spec, records(), start)
+      write_sweep_results(sweep_dir, sweep_spec, records(), start,
+                          device_description(args.launcher, jobs))
       write_summary()
     run_parallel(todo, args, guard, status, extra, done, on_finish)
     failed = sum(1 for j in todo if status.get(j.name, "").startswith("failed"))
@@ -620,11 +634,13 @@ def main(argv: Sequence[str]) -> int:
         done.add(job.name)
       elif status[job.name].startswith("failed"):
         failed += 1
-      write_sweep_results(sweep_dir, sweep_spec, records(), start)
+      write_sweep_results(sweep_dir, sweep_spec, records(), start,
+                          device_description(args.launcher, jobs))
       write_summary()
 
   rows = collect(sweep_dir, jobs, base_files, base_params, status)
-  path = write_sweep_results(sweep_dir, sweep_spec, records(), start)
+  path = write_sweep_results(sweep_dir, sweep_spec, records(), start,
+                             device_description(args.launcher, jobs))
   write_summary()
   if summary:
     print(f"[sweep] summary: {summary} (dataset {facts['dataset']}, recipe {recipe}, "
