@@ -13,7 +13,7 @@ import time
 import pytest
 
 from memorizing.data import registry
-from memorizing.errors import ConfigError, DatasetError
+from memorizing.errors import ConfigError, DatasetError, UsageError
 from memorizing.data.tokenizer_training import spm_vocab_size
 from memorizing.data.tokenizers import get_tokenizer
 from memorizing.tools import protocol, sweep, table4
@@ -248,6 +248,9 @@ def test_source_is_prepared_once_and_names_the_dataset(tmp_path, monkeypatch, ca
   assert table4.main(flags) == 0 and "already prepared" in capsys.readouterr().out
   with open(tmp_path / "s.json") as f:
     assert {r["dataset"] for r in json.load(f)} == {"text_files/my_corpus"}
+  with pytest.raises(UsageError, match="--source"):
+    table4.main(["--dataset", "synthetic", "--source", str(corpus), "--sweep_dir",
+                 str(tmp_path / "other")])
 
 
 TINY_PROTOCOL = [

@@ -39,6 +39,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 KEY = ("dataset", "tokenizer", "seed", "steps", "row", "eval", "commit")
 # Fields that are the corpus or the seed, not the recipe.
 NOT_RECIPE = {"dataset", "data_dir", "seed", "tokenizer", "vocab_size"}
+# Data sets prepared from a directory, glob or .deb given as --source.
+SOURCE_DATASETS = ("text_files", "linux_c", "coq_stdlib", "perl_doc")
 MEMORY_KEYS = ("gate_mean", "memory_bias_mean", "mass_mean", "top1_mean", "topk_mean", "recall",
                "distance")
 
@@ -111,6 +113,9 @@ def prepare_corpus(base_files: Sequence[str], base_params: Sequence[str], sweep_
   dataset, data_dir = train_config.dataset, train_config.data_dir
   params: List[str] = []
   if source:
+    if dataset not in SOURCE_DATASETS:
+      raise UsageError(f"--source: TrainConfig.dataset is {dataset!r}; a source directory is "
+                       f"read by {', '.join(SOURCE_DATASETS)}")
     if not data_dir:
       data_dir = os.path.join(sweep_dir, "data")
       params.append(f"TrainConfig.data_dir = {data_dir!r}")
