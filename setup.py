@@ -44,6 +44,7 @@ setuptools.setup(
             "memorizing-train=memorizing.cli:train_main",
             "memorizing-eval=memorizing.cli:eval_main",
             "memorizing-sweep=memorizing.cli:sweep_main",
+            "memorizing-table4=memorizing.cli:table4_main",
             "memorizing-prepare=memorizing.cli:prepare_main",
             "memorizing-tokenizer=memorizing.cli:tokenizer_main",
             "memorizing-plot=memorizing.cli:plot_main",

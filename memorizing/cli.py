@@ -1,13 +1,14 @@
-"""Console entry points: memorizing-train, -eval, -sweep, -prepare, -tokenizer, -plot.
+"""Console entry points: memorizing-train, -eval, -sweep, -table4, -prepare, -tokenizer,
+-plot.
 
-Also `python -m memorizing.cli train|eval|sweep|prepare|tokenizer|plot [flags]`. The commands are in
+Also `python -m memorizing.cli train|eval|sweep|table4|prepare|tokenizer|plot [flags]`. The commands are in
 memorizing/tools/ (commands.py, sweep.py); user errors are reported there.
 """
 from __future__ import annotations
 
 import sys
 
-from memorizing.tools import commands, plots, prepare, sweep, tokenizer
+from memorizing.tools import commands, plots, prepare, sweep, table4, tokenizer
 
 # Kept here for callers of the old names.
 CONFIG_DIR = commands.CONFIG_DIR
@@ -31,6 +32,10 @@ def sweep_main(argv=None) -> int:
   return commands.run(sweep.main, _argv(argv))
 
 
+def table4_main(argv=None) -> int:
+  return commands.run(table4.main, _argv(argv))
+
+
 def prepare_main(argv=None) -> int:
   return commands.run(prepare.main, _argv(argv))
 
@@ -46,7 +51,8 @@ def plot_main(argv=None) -> int:
 def main(argv=None) -> int:
   argv = _argv(argv)
   entry_points = {"train": train_main, "eval": eval_main, "sweep": sweep_main,
-                  "prepare": prepare_main, "tokenizer": tokenizer_main, "plot": plot_main}
+                  "table4": table4_main, "prepare": prepare_main, "tokenizer": tokenizer_main,
+                  "plot": plot_main}
   if not argv or argv[0] not in entry_points:
     print(f"usage: python -m memorizing.cli {{{'|'.join(entry_points)}}} [flags]", file=sys.stderr)
     return 2

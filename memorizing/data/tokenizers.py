@@ -132,6 +132,11 @@ def get_tokenizer(name_or_path: str) -> Tokenizer:
     return name_or_path
   if name_or_path in ("bytes", "byte"):
     return ByteTokenizer()
+  if str(name_or_path).startswith("spm:"):
+    raise DatasetError(
+        f"tokenizer {name_or_path!r} is a recipe, not a model: memorizing-sweep trains it on the "
+        "data set's train split and binds its path; for a single run train one with "
+        "memorizing-tokenizer and set TrainConfig.tokenizer to the .model path")
   if str(name_or_path).endswith(".model") or os.path.sep in str(name_or_path):
     return SentencePieceTokenizer(os.path.expanduser(str(name_or_path)))
   raise DatasetError(

@@ -109,7 +109,8 @@ def eval_command(argv: Sequence[str]) -> int:
   out = {"workdir": workdir, "checkpoint_step": step, "split": train_config.eval_split,
          "dataset": train_config.dataset, "results": results}
   if args.output:
-    with open(args.output, "w") as f:
+    with open(args.output + ".tmp", "w") as f:     # whole or absent for a reader meanwhile
       json.dump(out, f, indent=1)
+    os.replace(args.output + ".tmp", args.output)
     print(f"wrote {args.output}")
   return 0

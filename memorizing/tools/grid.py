@@ -90,7 +90,7 @@ def load_grid_file(path: str) -> Dict[str, Any]:
   """The sweep of a YAML/JSON file:
 
     {'gin_file': [...], 'gin_param': [...], 'grid': {name: [gin text, ...]},
-     'seeds': [int, ...], 'rows': {name: {'gin_file', 'gin_param', 'init_from'}},
+     'seeds': [int, ...], 'rows': {name: {'gin_file', 'gin_param', 'init_from', 'memory'}},
      'evals': {name: {'of', 'gin_param', 'memory'}}}
   """
   if find_config(path) is None:
@@ -127,23 +127,31 @@ def load_grid_file(path: str) -> Dict[str, Any]:
       grid[name] = [gin_literal(v) for v in values]
   rows = {}
   for name, row in (spec.get("rows") or {}).items():
-    if not isinstance(row, dict) or set(row) - {"gin_file", "gin_param", "init_from"}:
-      raise SweepError(f"{path}: row {name!r} takes gin_file, gin_param and init_from")
+    if not isinstance(row, dict) or set(row) - {"gin_file", "gin_param", "init_from", "memory"}:
+      raise SweepError(f"{path}: row {name!r} takes gin_file, gin_param, init_from and memory")
     rows[str(name)] = {"gin_file": _params(row.get("gin_file")),
                        "gin_param": _params(row.get("gin_param")),
                        "init_from": row.get("init_from")}
+    if "memory" in row:
+      rows[str(name)]["memory"] = _memory(path, f"row {name!r}", row["memory"])
   evals = {}
   for name, ev in (spec.get("evals") or {}).items():
     if not isinstance(ev, dict) or "of" not in ev or set(ev) - {"of", "gin_param", "memory"}:
       raise SweepError(f"{path}: eval {name!r} takes of (a point or row), gin_param, memory")
-    memory = str(ev.get("memory", "both"))
-    if memory not in ("both", "on", "off"):
-      raise SweepError(f"{path}: eval {name!r}: memory is both, on or off, got {memory!r}")
+    memory = _memory(path, f"eval {name!r}", ev.get("memory", "both"))
     evals[str(name)] = {"of": str(ev["of"]), "gin_param": _params(ev.get("gin_param")),
                         "memory": memory}
   return {"gin_file": _as_list(spec.get("gin_file")), "gin_param": _as_list(spec.get("gin_param")),
           "grid": grid, "seeds": [int(s) for s in _as_list(spec.get("seeds"))],
           "rows": rows, "evals": evals}
+
+
+def _memory(path: str, what: str, value) -> str:
+  """An evaluation's memory setting: both, on or off (YAML reads on/off as booleans)."""
+  memory = {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+  if memory not in ("both", "on", "off"):
+    raise SweepError(f"{path}: {what}: memory is both, on or off, got {value!r}")
+  return memory
 
 
 def short_name(name: str) -> str:

@@ -39,8 +39,20 @@ its checkpoint. `--only a,b` runs only those jobs. `--deadline_s T` is a time
 guard: a job that would not end T seconds after the sweep started (estimated
 from the jobs already run: seconds per training step, eval time) is skipped
 and recorded as such. Jobs run in this process (gin is cleared before each;
-the default) or as subprocesses (`--launcher subprocess`); `--print_commands`
-prints one shell line per unfinished job for a cluster.
+the default) or as subprocesses (`--launcher subprocess`); `--parallel N` runs
+up to N subprocess jobs at once on the same device(s), each with
+XLA_PYTHON_CLIENT_MEM_FRACTION = 0.9/N (`--mem_fraction`) and its output in a
+log file of its workdir, a job starting once the run it needs has results;
+`--print_commands` prints one shell line per unfinished job for a cluster.
+
+Per-corpus steps, before any job (memorizing/tools/protocol.py): `--source DIR`
+prepares TrainConfig.dataset from DIR; a recipe with TrainConfig.tokenizer =
+'spm:N' gets a SentencePiece model of N pieces trained on the train split
+(once per sweep directory), bound with ModelConfig.vocab_size = N. A config
+that binds TrainConfig.eval_max_documents evaluates that many documents.
+`--summary FILE` merges one record per (row, evaluation) into a JSON list that
+accumulates across corpora and seeds (configs/experiments/table4_protocol.yaml,
+memorizing-table4).
 
 Collected at the end, from whatever is done: SWEEP_DIR/results.csv and
 results.md (one line per job with its config), SWEEP_DIR/sweep_results.json
@@ -57,16 +69,18 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import jax
 
 from memorizing.errors import PlotError, SweepError, UserError
-from memorizing.tools import commands, plots
+from memorizing.tools import commands, plots, protocol
 from memorizing.tools.gin_config import parse_gin
 from memorizing.tools.grid import (GIN_FILE_AXIS, POINT_FILE, RESULTS_FILE, SEED_AXIS,  # noqa: F401
                                    expand, gin_literal, load_grid_file, load_results,
@@ -91,6 +105,9 @@ class Job:
   init_from: Optional[str] = None            # a train job's source run (name)
   of: Optional[str] = None                   # an eval job's run (name)
   memory: str = "both"
+  row: str = ""                              # the point, row or eval name without its seed
+  seed: Optional[int] = None                 # the seed of a seeds axis (None: none)
+  of_row: Optional[str] = None               # an eval job's run name without its seed
 
   def commands(self, eval_params: Sequence[str], max_documents: Optional[int]):
     """(train flags or None, eval flags)."""
@@ -123,7 +140,7 @@ def plan(sweep_dir: str, base_files: List[str], base_params: List[str],
          evals: Dict[str, dict]) -> List[Job]:
   """Every job of the sweep, in run order."""
   grid = dict(grid)
-  if seeds:
+  if seeds and grid:
     grid[SEED_AXIS] = [str(s) for s in seeds]
   jobs: List[Job] = []
   for point in (expand(grid) if grid else []):
@@ -131,8 +148,10 @@ def plan(sweep_dir: str, base_files: List[str], base_params: List[str],
     files = base_files + ([point[GIN_FILE_AXIS]] if GIN_FILE_AXIS in point else [])
     params = base_params + [f"{n} = {v}" for n, v in point.items() if n != GIN_FILE_AXIS]
     workdir = os.path.join(sweep_dir, name)
+    unseeded = {n: v for n, v in point.items() if n != SEED_AXIS}
+    seed = int(point[SEED_AXIS]) if SEED_AXIS in point else None
     jobs.append(Job(name, "train", files, params, point, workdir,
-                    os.path.join(workdir, RESULTS_FILE)))
+                    os.path.join(workdir, RESULTS_FILE), row=point_name(unseeded), seed=seed))
   for seed in (list(seeds) or [None]):
     seed_param = [] if seed is None else [f"{SEED_AXIS} = {seed}"]
     for row, spec in rows.items():
@@ -141,13 +160,15 @@ def plan(sweep_dir: str, base_files: List[str], base_params: List[str],
       init_from = _seeded(spec["init_from"], seed) if spec.get("init_from") else None
       jobs.append(Job(name, "train", base_files + spec["gin_file"],
                       base_params + spec["gin_param"] + seed_param, {}, workdir,
-                      os.path.join(workdir, RESULTS_FILE), init_from=init_from))
+                      os.path.join(workdir, RESULTS_FILE), init_from=init_from,
+                      memory=spec.get("memory", "both"), row=row, seed=seed))
   for seed in (list(seeds) or [None]):
     for ev, spec in evals.items():
       name, of = _seeded(ev, seed), _seeded(spec["of"], seed)
       workdir = os.path.join(sweep_dir, of)
       jobs.append(Job(name, "eval", [], spec["gin_param"], {}, workdir,
-                      os.path.join(workdir, f"eval_{name}.json"), of=of, memory=spec["memory"]))
+                      os.path.join(workdir, f"eval_{name}.json"), of=of, memory=spec["memory"],
+                      row=ev, seed=seed, of_row=spec["of"]))
   names = [j.name for j in jobs]
   if len(set(names)) != len(names):
     raise SweepError(f"two jobs share a name ({names}); make grid values and row names distinct")
@@ -167,11 +188,27 @@ def shell_line(train: Optional[List[str]], evaluate: List[str]) -> str:
   return f"memorizing-train {q(train)} && {ev}" if train is not None else ev
 
 
-def _call(which: str, args: List[str], launcher: str) -> int:
+def _call(which: str, args: List[str], launcher: str, env: Optional[Dict[str, str]] = None,
+          log: Optional[str] = None) -> int:
+  """Runs memorizing-train or -eval: in this process, or as a subprocess with `env`
+  added to the environment and its output appended to the file `log` (if given)."""
   if launcher == "subprocess":
-    return subprocess.call([sys.executable, "-m", "memorizing.cli", which] + args)
+    argv = [sys.executable, "-m", "memorizing.cli", which] + args
+    environ = dict(os.environ, **(env or {}))
+    if log is None:
+      return subprocess.call(argv, env=environ)
+    with open(log, "a") as out:
+      return subprocess.call(argv, env=environ, stdout=out, stderr=subprocess.STDOUT)
   command = commands.train_command if which == "train" else commands.eval_command
   return commands.run(command, args)
+
+
+def _tail(path: str, lines: int = 15) -> str:
+  try:
+    with open(path, errors="replace") as f:
+      return "".join(f.readlines()[-lines:])
+  except OSError:
+    return ""
 
 
 def train_log(workdir: str) -> List[dict]:
@@ -236,6 +273,10 @@ def run_job(job: Job, args, guard: TimeGuard, record: Dict[str, Any], done: set)
     return "skipped"
   print(f"  {shell_line(train, evaluate)}", flush=True)
   os.makedirs(job.workdir, exist_ok=True)
+  parallel = getattr(args, "parallel", 1) > 1
+  env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": str(args.mem_fraction)} if parallel else None
+  log = lambda which: (os.path.join(job.workdir, f"{which}.log" if job.kind == "train"
+                                    else f"eval_{job.name}.log") if parallel else None)
   train_s = eval_s = None
   rc = 0
   if train is not None:
@@ -243,27 +284,86 @@ def run_job(job: Job, args, guard: TimeGuard, record: Dict[str, Any], done: set)
       json.dump({"point": job.axes, "name": job.name, "gin_file": job.files,
                  "gin_param": job.params, "init_from": job.init_from}, f, indent=1)
     t0 = time.time()
-    rc = _call("train", train, args.launcher)
+    rc = _call("train", train, args.launcher, env, log("train"))
     train_s = time.time() - t0
   if rc == 0:
     t0 = time.time()
-    rc = _call("eval", evaluate, args.launcher)
+    rc = _call("eval", evaluate, args.launcher, env, log("eval"))
     eval_s = time.time() - t0
   guard.record(train_s, steps, eval_s)
   record.update({k: v for k, v in (("train_s", train_s), ("eval_s", eval_s)) if v is not None})
   if rc == 0 and os.path.exists(job.output):
     return "done"
   record["error"] = f"exit {rc}"
-  print(f"[sweep] {job.name} failed (exit {rc}); going on with the next job", flush=True)
+  failed_log = log("eval" if eval_s is not None else "train")
+  tail = _tail(failed_log) if failed_log else ""
+  print(f"[sweep] {job.name} failed (exit {rc}); going on with the next job"
+        + (f"; end of {failed_log}:\n{tail}" if tail else ""), flush=True)
   return f"failed (exit {rc})"
+
+
+def run_parallel(todo: Sequence[Job], args, guard: TimeGuard, status: Dict[str, str],
+                 extra: Dict[str, Dict[str, Any]], done: set, on_finish) -> None:
+  """Runs `todo` with up to args.parallel jobs at once (each one a thread that
+  launches its subprocesses). A job starts, in the order of `todo`, once a slot is
+  free and the run it needs (init_from, of) is no longer queued or running; so
+  the first slots to free up take the fine-tunes of a finished run.
+  `on_finish()` is called, under the lock, after every job."""
+  pending = list(todo)
+  running: Dict[str, threading.Thread] = {}
+  finished: List[tuple] = []
+  cond = threading.Condition()
+
+  def work(job: Job, number: int):
+    try:
+      result = run_job(job, args, guard, extra[job.name], done)
+    except Exception as e:  # noqa: BLE001 - reported as the job's failure; the others go on
+      extra[job.name]["error"] = repr(e)
+      result = f"failed ({type(e).__name__}: {e})"
+    with cond:
+      finished.append((job, number, result))
+      cond.notify_all()
+
+  started = 0
+  with cond:
+    while pending or running:
+      while finished:                       # bookkeeping in this thread only
+        job, number, result = finished.pop(0)
+        status[job.name] = result
+        if result == "done":
+          done.add(job.name)
+        running.pop(job.name).join()
+        print(f"[sweep] {job.name}: {result} ({number}/{len(todo)})", flush=True)
+        on_finish()
+      waiting = {j.name for j in pending} | set(running)
+      ready = [j for j in pending if not ((j.init_from or j.of) in waiting
+                                          and (j.init_from or j.of) != j.name)]
+      if not ready and pending and not running:
+        ready = pending[:1]          # references in a cycle: run_job skips it (no results)
+      for job in ready:
+        if len(running) >= args.parallel:
+          break
+        pending.remove(job)
+        started += 1
+        print(f"[sweep] start {started}/{len(todo)}: {job.name} "
+              f"({len(running) + 1} running)", flush=True)
+        thread = threading.Thread(target=work, args=(job, started), daemon=True)
+        running[job.name] = thread
+        thread.start()
+      if running and not finished:
+        cond.wait()
 
 
 # --- results -------------------------------------------------------------------------
 def _read(path: str) -> Optional[dict]:
+  """A job's results, or None (also while a parallel job is still writing them)."""
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError:
+    return None
 
 
 def job_record(job: Job, status: str, extra: Dict[str, Any]) -> Dict[str, Any]:
@@ -352,11 +452,23 @@ def collect(sweep_dir: str, jobs: Sequence[Job], base_files, base_params,
   return rows
 
 
+def device_description(launcher: str, jobs: Sequence[Job] = ()) -> str:
+  """The devices the jobs ran on. With subprocess jobs this process never starts a
+  backend (on a GPU it would take the memory the jobs share): their logs say."""
+  if launcher == "inprocess":
+    dev = jax.devices()[0]
+    return f"{len(jax.devices())} x {getattr(dev, 'device_kind', dev.platform)}"
+  for job in jobs:
+    found = re.search(r"on (\d+) (\w+) device\(s\)", _tail(os.path.join(job.workdir,
+                                                                       "train.log"), 400))
+    if found:
+      return f"{found.group(1)} x {found.group(2)} (from {job.name}/train.log)"
+  return "subprocess jobs (their output says)"
+
+
 def write_sweep_results(sweep_dir: str, spec: dict, records: Dict[str, dict],
-                        start: float) -> str:
-  dev = jax.devices()[0]
-  report = {"sweep": spec,
-            "device": f"{len(jax.devices())} x {getattr(dev, 'device_kind', dev.platform)}",
+                        start: float, device: Optional[str] = None) -> str:
+  report = {"sweep": spec, "device": device or device_description("inprocess"),
             "jax": jax.__version__, "python": platform.python_version(),
             "elapsed_s": time.time() - start, "jobs": records}
   path = os.path.join(sweep_dir, SWEEP_RESULTS)
@@ -384,13 +496,31 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--eval_gin_param", action="append", default=[],
                  help="binding for evaluation only, e.g. a larger 'ModelConfig.memory_size = 65536'")
   p.add_argument("--max_documents", type=int, default=None,
-                 help="evaluate the first N documents of the split (default: all)")
+                 help="evaluate the first N documents of the split (default: "
+                      "TrainConfig.eval_max_documents where the config binds it, else all)")
   p.add_argument("--only", action="append", default=[],
                  help="run only these jobs (comma-separated names; repeatable)")
   p.add_argument("--deadline_s", type=float, default=0,
                  help="time guard: skip a job that would end later than this many seconds "
                       "after the start (0: none)")
   p.add_argument("--launcher", choices=("inprocess", "subprocess"), default="inprocess")
+  p.add_argument("--parallel", type=int, default=1,
+                 help="run up to N jobs at once, as subprocesses sharing the device(s); a job "
+                      "waits for the run it fine-tunes or evaluates; each job's output goes to "
+                      "WORKDIR/train.log (eval_NAME.log)")
+  p.add_argument("--mem_fraction", type=float, default=None,
+                 help="with --parallel N: XLA_PYTHON_CLIENT_MEM_FRACTION of each job "
+                      "(default 0.9 / N)")
+  p.add_argument("--source", default=None,
+                 help="prepare TrainConfig.dataset (text_files, or a Debian corpus) from this "
+                      "directory or glob first, into TrainConfig.data_dir (default "
+                      "SWEEP_DIR/data)")
+  p.add_argument("--summary", default=None,
+                 help="merge one record per (row, evaluation) into this JSON list "
+                      "(docs/results/table4_summary.json); written after every job")
+  p.add_argument("--summary_dataset", default=None,
+                 help="the summary's dataset name (default TrainConfig.dataset; with --source: "
+                      "text_files/<the source's base name>)")
   p.add_argument("--print_commands", action="store_true",
                  help="print one shell line per unfinished job (for a cluster) and exit")
   p.add_argument("--collect_only", action="store_true",
@@ -428,10 +558,36 @@ def main(argv: Sequence[str]) -> int:
   if unknown:
     raise SweepError(f"--only {', '.join(sorted(unknown))}: no such job; the jobs are "
                      f"{', '.join(j.name for j in jobs)}")
+  if args.parallel < 1:
+    raise SweepError(f"--parallel {args.parallel}: expected 1 or more jobs at once")
+  if args.parallel > 1:
+    args.launcher = "subprocess"          # jax and gin are per process
+    if args.mem_fraction is None:
+      args.mem_fraction = round(0.9 / args.parallel, 3)
   os.makedirs(sweep_dir, exist_ok=True)
+  corpus_params, facts = protocol.prepare_corpus(base_files, base_params, sweep_dir, args.source)
+  recipe = protocol.recipe_id(base_files, jobs, facts["steps"])   # before the corpus's bindings
+  if corpus_params:
+    base_params += corpus_params
+    jobs = plan(sweep_dir, base_files, base_params, grid, seeds, spec["rows"], spec["evals"])
+  if args.max_documents is None and facts["eval_max_documents"]:
+    args.max_documents = facts["eval_max_documents"]   # the config's binding, for every job
+  if args.summary_dataset:
+    facts["dataset"] = args.summary_dataset
+  elif args.source and facts["dataset"] == "text_files":
+    source = os.path.expanduser(args.source).rstrip("/")
+    facts["dataset"] = "text_files/" + os.path.basename(source.split("*")[0].rstrip("/") or source)
+  commit = protocol.code_commit()
+  summary = os.path.abspath(os.path.expanduser(args.summary)) if args.summary else None
+
+  def write_summary():
+    if summary:
+      protocol.merge_summary(summary, protocol.summary_records(jobs, facts, commit, recipe))
+
   sweep_spec = {"gin_file": base_files, "gin_param": base_params, "grid": grid,
                 "seeds": seeds, "rows": spec["rows"], "evals": spec["evals"],
-                "eval_gin_param": args.eval_gin_param, "max_documents": args.max_documents}
+                "eval_gin_param": args.eval_gin_param, "max_documents": args.max_documents,
+                "recipe": recipe, "commit": commit, "summary_dataset": facts["dataset"]}
   with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
     json.dump(sweep_spec, f, indent=1)
 
@@ -456,7 +612,19 @@ def main(argv: Sequence[str]) -> int:
   records = lambda: {j.name: job_record(j, status.get(j.name, "not run"), extra[j.name])
                      for j in jobs}
   failed = 0
-  if not args.collect_only:
+  if todo and not args.collect_only:
+    protocol.ensure_data(base_files, base_params)
+  if not args.collect_only and args.parallel > 1:
+    guard = TimeGuard(args.deadline_s, start)
+    done = {j.name for j in jobs if os.path.exists(j.output)}
+
+    def on_finish():
+      write_sweep_results(sweep_dir, sweep_spec, records(), start,
+                          device_description(args.launcher, jobs))
+      write_summary()
+    run_parallel(todo, args, guard, status, extra, done, on_finish)
+    failed = sum(1 for j in todo if status.get(j.name, "").startswith("failed"))
+  elif not args.collect_only:
     guard = TimeGuard(args.deadline_s, start)
     done = {j.name for j in jobs if os.path.exists(j.output)}
     for i, job in enumerate(todo):
@@ -466,10 +634,17 @@ def main(argv: Sequence[str]) -> int:
         done.add(job.name)
       elif status[job.name].startswith("failed"):
         failed += 1
-      write_sweep_results(sweep_dir, sweep_spec, records(), start)
+      write_sweep_results(sweep_dir, sweep_spec, records(), start,
+                          device_description(args.launcher, jobs))
+      write_summary()
 
   rows = collect(sweep_dir, jobs, base_files, base_params, status)
-  path = write_sweep_results(sweep_dir, sweep_spec, records(), start)
+  path = write_sweep_results(sweep_dir, sweep_spec, records(), start,
+                             device_description(args.launcher, jobs))
+  write_summary()
+  if summary:
+    print(f"[sweep] summary: {summary} (dataset {facts['dataset']}, recipe {recipe}, "
+          f"commit {commit})", flush=True)
   finished = sum(1 for r in rows if "perplexity" in r)
   print(f"[sweep] {finished}/{len(rows)} jobs have results: "
         f"{os.path.join(sweep_dir, 'results.md')}, results.csv and {path}", flush=True)

@@ -5,14 +5,12 @@
   memorizing-tokenizer --input 'my_corpus/*.txt' --vocab_size 8000 --output my.model
 
 Use it with tokenizer='path/to/model.model' (memorizing.data.get_tokenizer).
+memorizing-sweep does the same by itself for a recipe with tokenizer 'spm:N'
+(memorizing/data/tokenizer_training.py holds the shared code).
 """
 import argparse
-import glob
-import os
 
-from memorizing.data import registry
-from memorizing.data.tokenizers import train_sentencepiece
-from memorizing.errors import MissingFileError
+from memorizing.data import registry, tokenizer_training
 
 
 def main(argv=None):
@@ -28,22 +26,15 @@ def main(argv=None):
   p.add_argument("--max_bytes", type=int, default=200_000_000, help="text read for training")
   p.add_argument("--max_sentences", type=int, default=2_000_000, help="lines sampled by SentencePiece")
   args = p.parse_args(argv)
-
+  options = dict(model_type=args.model_type, max_sentences=args.max_sentences,
+                 max_bytes=args.max_bytes)
   if args.input:
-    files = sorted(glob.glob(os.path.expanduser(args.input), recursive=True))
-    if not files:
-      raise MissingFileError(f"no files match {args.input!r}")
-    texts = (open(f, "rb").read() for f in files)
-    heldout = [open(files[-1], "rb").read()]
+    texts, heldout = tokenizer_training.file_texts(args.input)
+    _, report = tokenizer_training.train_tokenizer(texts, heldout, args.output,
+                                                   args.vocab_size, **options)
   else:
-    docs = registry.load_documents(args.dataset, args.split, args.data_dir)
-    texts = (docs[i] for i in range(len(docs)))
-    heldout = list(registry.load_documents(args.dataset, "validation", args.data_dir)[:4])
-  tokenizer = train_sentencepiece(texts, args.output, args.vocab_size, model_type=args.model_type,
-                                  max_sentences=args.max_sentences, max_bytes=args.max_bytes)
-  exact = all(tokenizer.decode(tokenizer.encode(t)) == t.decode("utf-8", "replace") for t in heldout)
-  print(f"wrote {args.output}: vocab {tokenizer.vocab_size}, "
-        f"{tokenizer.bytes_per_token(heldout):.3f} bytes/token on held-out text, "
-        f"exact round trip: {exact}")
+    _, report = tokenizer_training.train_on_dataset(args.dataset, args.data_dir, args.output,
+                                                    args.vocab_size, args.split, **options)
+  print(report)
   return 0
 

@@ -1,0 +1,305 @@
+"""The Table-4 protocol (configs/experiments/table4_protocol.{gin,yaml}) through
+memorizing-sweep: its rows and evaluations, --parallel with dependencies and the
+time guard, the summary JSON that accumulates, and the 'spm:N' tokenizer step.
+
+The runs here are fake (memorizing-train/-eval replaced by a function that writes
+an evaluation JSON), so the tests take seconds; tests/test_sweep.py runs real ones.
+"""
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from memorizing.data import registry
+from memorizing.errors import ConfigError, DatasetError, UsageError
+from memorizing.data.tokenizer_training import spm_vocab_size
+from memorizing.data.tokenizers import get_tokenizer
+from memorizing.tools import protocol, sweep, table4
+from memorizing.tools.gin_config import parse_gin
+
+ROWS = ["xl", "no_xl", "mem1536", "mem8192", "mem8192_empty", "mem65536", "finetune_mem8192",
+        "finetune_control"]
+NO_MEMORY_LAYERS = {"xl", "no_xl", "finetune_control"}
+KEYS = {"dataset", "tokenizer", "seed", "steps", "row", "eval", "perplexity", "bits_per_byte",
+        "commit", "recipe"}
+
+
+def protocol_jobs(tmp_path, seeds=(0,)):
+  spec = sweep.load_grid_file(table4.PROTOCOL)
+  return sweep.plan(str(tmp_path), spec["gin_file"], spec["gin_param"], spec["grid"],
+                    list(seeds), spec["rows"], spec["evals"])
+
+
+def test_protocol_expands_to_the_rows_and_evaluations(tmp_path):
+  jobs = protocol_jobs(tmp_path)
+  assert [j.name for j in jobs] == [f"{r}_seed-0" for r in ROWS] + ["memory65536_seed-0"]
+  configs = {j.row: parse_gin(j.files, j.params) for j in jobs if j.kind == "train"}
+  for row, (model, train) in configs.items():
+    assert train.eval_max_document_tokens == 262144 and train.eval_max_documents == 6
+    assert train.tokenizer == "bytes" and train.seed == 0 and train.optimizer == "adamw"
+    assert bool(model.memory_layers) == (row not in NO_MEMORY_LAYERS), row
+    assert model.use_xl_cache == (row != "no_xl"), row
+    assert model.memory_enabled == (row != "mem8192_empty"), row
+    steps = 2500 if not row.startswith("finetune") else train.num_steps
+    assert train.num_steps == steps and steps <= 2500
+  assert {r: configs[r][0].memory_size for r in ("mem1536", "mem8192", "mem65536",
+                                                 "finetune_mem8192")} == {
+      "mem1536": 1536, "mem8192": 8192, "mem65536": 65536, "finetune_mem8192": 8192}
+  by_name = {j.row: j for j in jobs}
+  for ft in ("finetune_mem8192", "finetune_control"):
+    assert by_name[ft].init_from == "xl_seed-0" and configs[ft][1].num_steps <= 1000
+  assert by_name["mem8192_empty"].memory == "on"
+  ev = by_name["memory65536"]
+  assert ev.kind == "eval" and ev.of == "mem8192_seed-0" and ev.memory == "on"
+  assert ev.params == ["ModelConfig.memory_size = 65536"]
+  # The recipe's hash ignores the data set and the seed, and sees the fine-tunes' macros.
+  spec = sweep.load_grid_file(table4.PROTOCOL)
+  other = sweep.plan(str(tmp_path), spec["gin_file"], ["TrainConfig.dataset = 'linux_c'"], {},
+                     [1], spec["rows"], spec["evals"])
+  longer = sweep.plan(str(tmp_path), spec["gin_file"], ["FINETUNE_STEPS = 900"], {},
+                      [0], spec["rows"], spec["evals"])
+  recipe = protocol.recipe_id(spec["gin_file"], jobs, 2500)
+  assert recipe.startswith("table4_protocol.gin@")
+  assert protocol.recipe_id(spec["gin_file"], other, 2500) == recipe
+  assert protocol.recipe_id(spec["gin_file"], longer, 2500) != recipe
+
+
+def test_table4_wrapper_builds_the_sweep(tmp_path):
+  args, rest = table4.build_parser().parse_known_args(
+      ["--dataset", "perl_doc", "--data_dir", "/d", "--seeds", "0,1", "--tokenizer", "spm:8192",
+       "--only", "xl_seed-0", "--sweep_dir", str(tmp_path)])
+  argv = table4.sweep_argv(args, rest)
+  assert argv[:4] == ["--grid_file", "experiments/table4_protocol.yaml", "--sweep_dir",
+                      str(tmp_path)]
+  for flag in ["TrainConfig.dataset = 'perl_doc'", "TrainConfig.data_dir = '/d'",
+               "TrainConfig.tokenizer = 'spm:8192'"]:
+    assert flag in argv
+  assert argv[argv.index("--parallel") + 1] == "6" and argv[argv.index("--seeds") + 1] == "0,1"
+  assert argv[argv.index("--summary") + 1] == table4.SUMMARY and argv[-2:] == ["--only",
+                                                                              "xl_seed-0"]
+
+
+class FakeRuns:
+  """memorizing-train/-eval stand-ins: record (name, which, start, end, env) and write
+  an evaluation JSON shaped like memorizing-eval's."""
+
+  def __init__(self, sleep=0.15, perplexity=2.0):
+    self.sleep, self.perplexity = sleep, perplexity
+    self.calls, self.lock, self.argvs = [], threading.Lock(), []
+
+  def __call__(self, which, argv, launcher, env=None, log=None):
+    assert launcher == "subprocess"
+    workdir = os.path.basename(argv[argv.index("--workdir") + 1])
+    start = time.time()
+    time.sleep(self.sleep)
+    with self.lock:
+      self.argvs.append((which, list(argv)))
+    if which == "eval":
+      output = argv[argv.index("--output") + 1]
+      name = os.path.basename(output)[:-5].replace("eval_", "") if "eval_" in output else workdir
+      row = workdir.split("_seed-")[0]
+      result = {"perplexity": self.perplexity, "bits_per_byte": 1.0, "tokens": 100,
+                "documents": 6,
+                "memory": {"layer_4": {"gate_mean": 0.1, "mass_mean": 0.05, "top1_mean": 0.4,
+                                       "topk_mean": 0.3, "recall": 0.9, "gate": [0.1, 0.1],
+                                       "distance": {"xl": 0.1, "to2k": 0.9}}}}
+      if "--memory" in argv and argv[argv.index("--memory") + 1] == "on":
+        results = {"with_memory": result}
+      elif row in NO_MEMORY_LAYERS:
+        results = {"memory_disabled": dict(result, memory=None)}
+      else:
+        results = {"with_memory": result, "memory_disabled": dict(result, perplexity=2.1)}
+      with open(output, "w") as f:
+        json.dump({"checkpoint_step": 3, "results": results}, f)
+      workdir = name
+    with self.lock:
+      self.calls.append((workdir, which, start, time.time(), dict(env or {})))
+    return 0
+
+
+def no_backend_here():
+  raise AssertionError("the sweep's own process must not start a jax backend (on a GPU it "
+                       "would take the memory its parallel jobs share)")
+
+
+def run_protocol(tmp_path, fake, monkeypatch, *flags):
+  monkeypatch.setattr(sweep, "_call", fake)
+  monkeypatch.setattr(sweep.jax, "devices", no_backend_here)
+  argv = ["--dataset", "synthetic", "--data_dir", str(tmp_path / "data"), "--sweep_dir", str(tmp_path / "sweep"), "--summary",
+          str(tmp_path / "summary.json"), "--parallel", "2", "--no_plots"] + list(flags)
+  return table4.main(argv)
+
+
+def test_parallel_dependencies_summary_and_time_guard(tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("MEMORIZING_COMMIT", "abc123")
+  fake = FakeRuns()
+  assert run_protocol(tmp_path, fake, monkeypatch) == 0
+  ends = {(w, k): e for w, k, _, e, _ in fake.calls}
+  starts = {(w, k): s for w, k, s, _, _ in fake.calls}
+  # At most two at once, and two at once at some point.
+  events = sorted([(s, 1) for s in starts.values()] + [(e, -1) for e in ends.values()])
+  running, peak = 0, 0
+  for _, d in events:
+    running += d
+    peak = max(peak, running)
+  assert peak == 2
+  # Fine-tunes start after xl is evaluated, the 65K evaluation after mem8192.
+  for ft in ("finetune_mem8192_seed-0", "finetune_control_seed-0"):
+    assert starts[(ft, "train")] >= ends[("xl_seed-0", "eval")]
+  assert starts[("memory65536_seed-0", "eval")] >= ends[("mem8192_seed-0", "eval")]
+  assert {c[4].get("XLA_PYTHON_CLIENT_MEM_FRACTION") for c in fake.calls} == {"0.45"}
+  # The protocol's evaluation documents reach every memorizing-eval.
+  assert all(a[a.index("--max_documents") + 1] == "6" for w, a in fake.argvs if w == "eval")
+
+  with open(tmp_path / "summary.json") as f:
+    records = json.load(f)
+  assert all(KEYS <= set(r) for r in records)
+  got = {(r["row"], r["eval"]) for r in records}
+  want = {(r, "memory") for r in ROWS} | {(r, "disabled") for r in ROWS
+                                          if r not in NO_MEMORY_LAYERS | {"mem8192_empty"}}
+  assert got == want | {("mem8192", "memory65536")}
+  r = next(r for r in records if (r["row"], r["eval"]) == ("mem8192", "memory"))
+  assert r["dataset"] == "synthetic" and r["tokenizer"] == "bytes" and r["seed"] == 0
+  assert r["steps"] == 2500 and r["commit"] == "abc123"
+  assert r["recipe"].startswith("table4_protocol.gin@")
+  assert r["memory"]["layer_4"] == {"gate_mean": 0.1, "mass_mean": 0.05, "top1_mean": 0.4,
+                                    "topk_mean": 0.3, "recall": 0.9,
+                                    "distance": {"xl": 0.1, "to2k": 0.9}}
+  assert "memory" not in next(r for r in records if r["row"] == "xl")
+
+  # A second seed accumulates; the first seed again replaces its records.
+  assert run_protocol(tmp_path, FakeRuns(sleep=0), monkeypatch, "--seeds", "1") == 0
+  with open(tmp_path / "summary.json") as f:
+    both = json.load(f)
+  assert len(both) == 2 * len(records) and {r["seed"] for r in both} == {0, 1}
+  assert run_protocol(tmp_path, FakeRuns(sleep=0), monkeypatch, "--seeds", "0") == 0
+  with open(tmp_path / "summary.json") as f:
+    assert len(json.load(f)) == len(both)
+  protocol.merge_summary(str(tmp_path / "summary.json"),
+                         [dict(records[0], perplexity=9.0), dict(records[0], commit="other")])
+  with open(tmp_path / "summary.json") as f:
+    merged = json.load(f)
+  assert len(merged) == len(both) + 1 and merged[0]["perplexity"] == 9.0
+  (tmp_path / "gpu.json").write_text(json.dumps([dict(records[0], commit="gpu")]))
+  assert table4.main(["--merge", str(tmp_path / "gpu.json"), "--summary",
+                      str(tmp_path / "summary.json")]) == 0
+  with open(tmp_path / "summary.json") as f:
+    assert len(json.load(f)) == len(both) + 2
+
+  # The time guard holds under --parallel: past the deadline nothing starts.
+  capsys.readouterr()
+  fake = FakeRuns(sleep=0)
+  assert run_protocol(tmp_path, fake, monkeypatch, "--seeds", "2", "--deadline_s", "0.001") == 0
+  out = capsys.readouterr().out
+  assert not fake.calls and out.count("time guard") == 6      # the six main rows
+  with open(tmp_path / "sweep" / "sweep_results.json") as f:
+    jobs = json.load(f)["jobs"]
+  assert {jobs[f"{r}_seed-2"]["status"] for r in ROWS} == {"skipped"}
+  assert "needs xl_seed-2" in jobs["finetune_control_seed-2"]["skipped"]
+  with open(tmp_path / "summary.json") as f:
+    assert {r["seed"] for r in json.load(f)} == {0, 1}
+
+
+def test_spm_tokenizer_is_trained_once_and_bound(tmp_path, monkeypatch, capsys):
+  with pytest.raises(ConfigError, match="spm:N"):
+    spm_vocab_size("spm:12")
+  assert spm_vocab_size("spm:8192") == 8192 and spm_vocab_size("bytes") is None
+  with pytest.raises(DatasetError, match="recipe"):
+    get_tokenizer("spm:8192")
+  data_dir = str(tmp_path / "data")
+  registry.load_documents("synthetic", "train", data_dir)      # embedded: built offline
+  fake = FakeRuns(sleep=0)
+  monkeypatch.setattr(sweep, "_call", fake)
+  flags = ["--dataset", "synthetic", "--data_dir", data_dir, "--tokenizer", "spm:280",
+           "--sweep_dir", str(tmp_path / "sweep"), "--summary", str(tmp_path / "s.json"),
+           "--parallel", "2", "--no_plots", "--only", "xl_seed-0"]
+  assert table4.main(flags) == 0
+  model = tmp_path / "sweep" / "tokenizer" / "synthetic_spm280.model"
+  assert model.exists() and "training 280 pieces" in capsys.readouterr().out
+  train = [a for w, a in fake.argvs if w == "train"][0]
+  assert f"TrainConfig.tokenizer = '{model}'" in train and "ModelConfig.vocab_size = 280" in train
+  assert get_tokenizer(str(model)).vocab_size == 280
+  stamp = os.path.getmtime(model)
+  assert table4.main(flags[:-1] + ["xl_seed-0,no_xl_seed-0"]) == 0
+  assert os.path.getmtime(model) == stamp and "trained before" in capsys.readouterr().out
+  with open(tmp_path / "s.json") as f:
+    assert {(r["tokenizer"], r["row"]) for r in json.load(f)} == {("spm:280", "xl"),
+                                                                  ("spm:280", "no_xl")}
+
+
+def test_source_is_prepared_once_and_names_the_dataset(tmp_path, monkeypatch, capsys):
+  corpus = tmp_path / "my_corpus"
+  corpus.mkdir()
+  for i in range(6):
+    (corpus / f"f{i}.txt").write_text(f"document {i}\n" * (50 + i))
+  fake = FakeRuns(sleep=0)
+  monkeypatch.setattr(sweep, "_call", fake)
+  flags = ["--dataset", "text_files", "--source", str(corpus), "--sweep_dir",
+           str(tmp_path / "sweep"), "--summary", str(tmp_path / "s.json"), "--parallel", "2",
+           "--no_plots", "--only", "xl_seed-0"]
+  assert table4.main(flags) == 0
+  data_dir = tmp_path / "sweep" / "data"
+  assert "preparing text_files from" in capsys.readouterr().out
+  assert len(registry.load_documents("text_files", "train", str(data_dir))) >= 1
+  train = [a for w, a in fake.argvs if w == "train"][0]
+  assert f"TrainConfig.data_dir = '{data_dir}'" in train
+  assert table4.main(flags) == 0 and "already prepared" in capsys.readouterr().out
+  with open(tmp_path / "s.json") as f:
+    assert {r["dataset"] for r in json.load(f)} == {"text_files/my_corpus"}
+  with pytest.raises(UsageError, match="--source"):
+    table4.main(["--dataset", "synthetic", "--source", str(corpus), "--sweep_dir",
+                 str(tmp_path / "other")])
+
+
+TINY_PROTOCOL = [
+    "ModelConfig.num_layers = 2", "ModelConfig.d_model = 32", "ModelConfig.num_heads = 2",
+    "ModelConfig.head_dim = 16", "ModelConfig.mlp_dim = 64", "ModelConfig.segment_length = 32",
+    "ModelConfig.num_neighbors = 8", "ModelConfig.knn_backend = 'exact'",
+    "ModelConfig.knn_options = ()", "TrainConfig.batch_size = 2", "TrainConfig.eval_batch_size = 2",
+    "TrainConfig.num_steps = 3", "TrainConfig.log_every = 1", "TrainConfig.prefetch = 0",
+    "TrainConfig.eval_max_document_tokens = 300", "FINETUNE_STEPS = 2",
+]
+
+
+@pytest.mark.slow
+def test_real_protocol_in_parallel(tmp_path):
+  """The protocol's recipe with a tiny model, real subprocesses two at a time: the xl
+  run, its fine-tune with an added memory (the gin macros reach the operative config
+  that memorizing-eval reads back), the 8K run and its 65K evaluation (about 3 minutes
+  on 2 cores)."""
+  flags = ["--dataset", "synthetic", "--data_dir", str(tmp_path / "data"), "--sweep_dir",
+           str(tmp_path / "sweep"), "--summary", str(tmp_path / "s.json"), "--parallel", "2",
+           "--no_plots", "--only",
+           "xl_seed-0,finetune_mem8192_seed-0,mem8192_seed-0,memory65536_seed-0"]
+  for p in TINY_PROTOCOL:
+    flags += ["--gin_param", p]
+  assert table4.main(flags) == 0
+  with open(tmp_path / "s.json") as f:
+    records = json.load(f)
+  assert {(r["row"], r["eval"]) for r in records} == {
+      ("xl", "memory"), ("mem8192", "memory"), ("mem8192", "disabled"),
+      ("mem8192", "memory65536"), ("finetune_mem8192", "memory"),
+      ("finetune_mem8192", "disabled")}
+  assert all(r["perplexity"] > 1 and r["steps"] == 3 for r in records)
+  ft = next(r for r in records if (r["row"], r["eval"]) == ("finetune_mem8192", "memory"))
+  assert ft["checkpoint_step"] == 2 and "memory" in ft
+  assert os.path.getsize(tmp_path / "sweep" / "finetune_mem8192_seed-0" / "train.log") > 0
+
+
+def test_parallel_scheduler_never_waits_on_a_cycle(tmp_path, monkeypatch):
+  mk = lambda name, ref=None: sweep.Job(name, "train", [], [], {}, str(tmp_path / name),
+                                        str(tmp_path / name / "results.json"), init_from=ref)
+  jobs = [mk("a", "b"), mk("b", "a"), mk("c"), mk("d", "c")]
+  order = []
+  monkeypatch.setattr(sweep, "run_job", lambda job, *a: order.append(job.name) or (
+      "done" if not job.init_from else "skipped"))
+  args = type("Args", (), {"parallel": 2})()
+  status, extra = {}, {j.name: {} for j in jobs}
+  worker = threading.Thread(target=sweep.run_parallel,
+                            args=(jobs, args, None, status, extra, set(), lambda: None))
+  worker.start()
+  worker.join(timeout=20)
+  assert not worker.is_alive() and set(status) == {"a", "b", "c", "d"}
+  assert order.index("d") > order.index("c")
