@@ -38,6 +38,7 @@ setuptools.setup(
             "memorizing-train=memorizing.cli:train_main",
             "memorizing-eval=memorizing.cli:eval_main",
             "memorizing-sweep=memorizing.cli:sweep_main",
+            "memorizing-generate=memorizing.cli:generate_main",
         ]
     },
 )

@@ -1,13 +1,13 @@
-"""Console entry points: memorizing-train, memorizing-eval, memorizing-sweep.
+"""Console entry points: memorizing-train, memorizing-eval, memorizing-sweep, memorizing-generate.
 
-Also `python -m memorizing.cli train|eval|sweep [flags]`. The commands are in
+Also `python -m memorizing.cli train|eval|sweep|generate [flags]`. The commands are in
 memorizing/tools/ (commands.py, sweep.py); user errors are reported there.
 """
 from __future__ import annotations
 
 import sys
 
-from memorizing.tools import commands, sweep
+from memorizing.tools import commands, generate, sweep
 
 # Kept here for callers of the old names.
 CONFIG_DIR = commands.CONFIG_DIR
@@ -31,9 +31,14 @@ def sweep_main(argv=None) -> int:
   return commands.run(sweep.main, _argv(argv))
 
 
+def generate_main(argv=None) -> int:
+  return commands.run(generate.main, _argv(argv))
+
+
 def main(argv=None) -> int:
   argv = _argv(argv)
-  entry_points = {"train": train_main, "eval": eval_main, "sweep": sweep_main}
+  entry_points = {"train": train_main, "eval": eval_main, "sweep": sweep_main,
+                  "generate": generate_main}
   if not argv or argv[0] not in entry_points:
     print(f"usage: python -m memorizing.cli {{{'|'.join(entry_points)}}} [flags]", file=sys.stderr)
     return 2
