@@ -39,6 +39,7 @@ setuptools.setup(
             "memorizing-eval=memorizing.cli:eval_main",
             "memorizing-sweep=memorizing.cli:sweep_main",
             "memorizing-generate=memorizing.cli:generate_main",
+            "memorizing-inspect=memorizing.cli:inspect_main",
         ]
     },
 )

@@ -1,13 +1,14 @@
-"""Console entry points: memorizing-train, memorizing-eval, memorizing-sweep, memorizing-generate.
+"""Console entry points: memorizing-train, memorizing-eval, memorizing-sweep, memorizing-generate,
+memorizing-inspect.
 
-Also `python -m memorizing.cli train|eval|sweep|generate [flags]`. The commands are in
+Also `python -m memorizing.cli train|eval|sweep|generate|inspect [flags]`. The commands are in
 memorizing/tools/ (commands.py, sweep.py); user errors are reported there.
 """
 from __future__ import annotations
 
 import sys
 
-from memorizing.tools import commands, generate, sweep
+from memorizing.tools import commands, generate, inspect_memory, sweep
 
 # Kept here for callers of the old names.
 CONFIG_DIR = commands.CONFIG_DIR
@@ -35,10 +36,14 @@ def generate_main(argv=None) -> int:
   return commands.run(generate.main, _argv(argv))
 
 
+def inspect_main(argv=None) -> int:
+  return commands.run(inspect_memory.main, _argv(argv))
+
+
 def main(argv=None) -> int:
   argv = _argv(argv)
   entry_points = {"train": train_main, "eval": eval_main, "sweep": sweep_main,
-                  "generate": generate_main}
+                  "generate": generate_main, "inspect": inspect_main}
   if not argv or argv[0] not in entry_points:
     print(f"usage: python -m memorizing.cli {{{'|'.join(entry_points)}}} [flags]", file=sys.stderr)
     return 2

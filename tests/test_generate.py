@@ -150,3 +150,20 @@ def test_bad_input_ends_in_one_line(trained, tmp_path, capsys):
       capsys, ["--workdir", workdir, "--prompt_file", str(prompt), "--max_new_tokens", "0"])
   for top_p in ("0", "1.5"):
     assert "top_p" in _one_line_error(capsys, base + ["--top_p", top_p])
+
+
+def test_inspect_command_writes_report(trained, tmp_path, capsys):
+  """memorizing-inspect on the same run (its planted-case test is tests/test_inspect.py)."""
+  _, _, workdir = trained
+  doc = tmp_path / "doc.txt"
+  doc.write_text(PROMPT * 2)
+  out = tmp_path / "report.html"
+  assert cli.inspect_main(["--workdir", workdir, "--document", str(doc), "--top", "2",
+                           "--output", str(out)]) == 0
+  page = out.read_text()
+  assert "<mark>" in page and "data:image/png;base64," in page
+  assert (tmp_path / "report_distances.png").exists()
+  assert (tmp_path / "report_loss_difference.png").exists()
+  assert json.loads((tmp_path / "report.json").read_text())["tokens"] == len(PROMPT) * 2
+  assert "target" in capsys.readouterr().out
+  assert cli.inspect_main(["--workdir", workdir, "--output", str(out)]) == 1
