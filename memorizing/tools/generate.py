@@ -104,9 +104,19 @@ class Generator:
     self._segment = jax.jit(lambda p, t, st, s: Decoder(config, backend).apply(
         {"params": p}, t, st, s))
     self._stepper = Stepper(config, backend)
-    self._sample = jax.jit(_sample)
-    self._logp = jax.jit(lambda logits, ids: jnp.take_along_axis(
-        jax.nn.log_softmax(logits), ids[:, None], axis=-1)[:, 0])
+
+    def choose(logits, key, temperature, top_k, top_p, greedy):
+      """-> ids [B] int32, their log p [B] (temperature 1), the next key: one dispatch."""
+      key, sub = jax.random.split(key)
+      if greedy:
+        ids = jnp.argmax(logits, axis=-1)
+      else:
+        ids = _sample(logits, sub, temperature, top_k, top_p)
+      ids = ids.astype(jnp.int32)
+      lp = jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, None], axis=-1)[:, 0]
+      return ids, lp, key
+
+    self._choose = jax.jit(choose, static_argnames="greedy")
 
   def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, eos_id: Optional[int] = None,
@@ -150,13 +160,8 @@ class Generator:
     temp = jnp.float32(temperature)
     k_arr, p_arr = jnp.int32(top_k), jnp.float32(top_p)
     for i in range(max_new_tokens):
-      if temperature == 0:
-        ids = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-      else:
-        key, sub = jax.random.split(key)
-        ids = self._sample(logits, sub, temp, k_arr, p_arr).astype(jnp.int32)
-      lp = self._logp(logits, ids)
-      ids_host, lp_host = np.asarray(ids), np.asarray(lp)
+      ids, lp, key = self._choose(logits, key, temp, k_arr, p_arr, greedy=temperature == 0)
+      ids_host, lp_host = jax.device_get((ids, lp))
       steps += 1
       for r in range(b):
         if done[r]:

@@ -1,7 +1,9 @@
 """memorizing-inspect: what the memory retrieved for the tokens it helped most.
 
 Runs one document through the model with memory and with memory disabled
-(whole segments, as evaluation does), picks the N target tokens whose loss the
+(whole segments, as evaluation does; then once more with memory, capturing the
+queries of the chosen targets only, so a book needs no more than a segment's
+worth of captured state), picks the N target tokens whose loss the
 memory lowers most (or given positions) and reports, for each, per head of
 each memory layer: the gate, the attention mass on memory and the top
 retrieved neighbours (distance back in tokens, cosine similarity, attention
@@ -44,8 +46,11 @@ from memorizing.model.memory_attention import attend_retrieved, retrieve
 from memorizing.tools.generate import PromptError, load_run
 
 
-def _per_token_nll(config, params, ids, capture: bool):
-  """ids [T] -> (nll [T-1] float64, per segment list of (carried before, intermediates))."""
+def _per_token_nll(config, params, ids, on_segment=None):
+  """ids [T] -> nll [T-1] float64. With `on_segment`, the queries are captured and
+  `on_segment(s, carried_before, intermediates)` is called after each segment
+  (nothing is kept, so a book-length document needs one segment's worth)."""
+  capture = on_segment is not None
   length = config.segment_length
   total = len(ids)
   segs = -(-total // length)
@@ -63,7 +68,7 @@ def _per_token_nll(config, params, ids, capture: bool):
 
   step = jax.jit(run)
   state = init_carried_state(config, 1)
-  logits_all, captured = [], []
+  logits_all = []
   try:
     for s in range(segs):
       before = state
@@ -71,14 +76,14 @@ def _per_token_nll(config, params, ids, capture: bool):
                                     state, jnp.full((1,), s == 0))
       logits_all.append(np.asarray(logits[0], np.float64))
       if capture:
-        captured.append((before, inter))
+        on_segment(s, before, inter)
   finally:
     if backend is not None:
       backend.close()
   logits = np.concatenate(logits_all)[:total - 1]
   logits = logits - logits.max(-1, keepdims=True)
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  return -logp[np.arange(total - 1), ids[1:]], captured
+  return -logp[np.arange(total - 1), ids[1:]]
 
 
 def inspect_document(config: ModelConfig, params, ids, top: int = 5,
@@ -93,8 +98,8 @@ def inspect_document(config: ModelConfig, params, ids, top: int = 5,
   if not config.memory_layers:
     raise UsageError("this model has no memory layer: nothing to inspect")
   cfg = config.replace(knn_backend="exact", knn_options=(), memory_enabled=True)
-  nll_mem, captured = _per_token_nll(cfg, params, ids, capture=True)
-  nll_off, _ = _per_token_nll(cfg.replace(memory_enabled=False), params, ids, capture=False)
+  nll_mem = _per_token_nll(cfg, params, ids)
+  nll_off = _per_token_nll(cfg.replace(memory_enabled=False), params, ids)
   diff = nll_mem - nll_off                                          # [T-1], target t = i + 1
   if positions:
     chosen = [int(p) for p in positions]
@@ -111,7 +116,9 @@ def inspect_document(config: ModelConfig, params, ids, top: int = 5,
                                  "loss_disabled": float(nll_off[p - 1]),
                                  "loss_difference": float(diff[p - 1]), "layers": {}}
                              for p in chosen}
-  for s, (before, inter) in enumerate(captured):
+
+  def on_segment(s, before, inter):
+    nonlocal hist
     queries_here = [p - 1 for p in chosen if s * length <= p - 1 < (s + 1) * length]
     for i in cfg.memory_layer_set:
       name = layer_name(i)
@@ -149,7 +156,11 @@ def inspect_document(config: ModelConfig, params, ids, top: int = 5,
           heads.append({"gate" if cfg.memory_combine == "gate" else "memory_bias": float(gate[h]),
                         "mass": mass, "neighbours": nb})
         by_pos[qp + 1]["layers"][name] = heads
-  exact.close()
+
+  try:   # a second pass with memory, now knowing the targets: bounded memory use
+    _per_token_nll(cfg, params, ids, on_segment)
+  finally:
+    exact.close()
   return {"tokens": int(len(ids)), "segment_length": length,
           "memory_size": cfg.memory_size, "xl_window": length if cfg.use_xl_cache else 0,
           "mean_loss_memory": float(nll_mem.mean()), "mean_loss_disabled": float(nll_off.mean()),
