@@ -48,6 +48,8 @@ setuptools.setup(
             "memorizing-prepare=memorizing.cli:prepare_main",
             "memorizing-tokenizer=memorizing.cli:tokenizer_main",
             "memorizing-plot=memorizing.cli:plot_main",
+            "memorizing-generate=memorizing.cli:generate_main",
+            "memorizing-inspect=memorizing.cli:inspect_main",
         ]
     },
 )

@@ -106,7 +106,12 @@ class SentencePieceTokenizer(Tokenizer):
           f"SentencePiece model not found: {model_path}. Train one with:\n  "
           + TRAIN_TOKENIZER_COMMAND.format(path=model_path))
     self.model_path = model_path
-    self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    except (OSError, RuntimeError) as e:   # a directory, no permission, not a model
+      raise DatasetError(f"SentencePiece model {model_path} is unreadable "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                         "train it again with memorizing-tokenizer") from e
     self.vocab_size = int(self._sp.get_piece_size())
     # A model without a pad piece still needs an in-vocabulary id for padding
     # (it always carries weight 0); use 0.

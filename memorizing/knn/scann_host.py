@@ -368,7 +368,7 @@ class ScannBackend(KNNBackend):
     new_pointer = (pointer.astype(np.int64) + m) % n
     new_count = np.minimum(count.astype(np.int64) + m, n)
     jobs = []
-    for i, r in enumerate(states):
+    for i, r in enumerate(states if m > 0 else ()):   # a search with no new keys inserts nothing
       slots = (int(pointer[i]) + np.arange(m)) % n
       for head in range(h):
         jobs.append(self._pool.submit(
