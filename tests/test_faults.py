@@ -158,7 +158,7 @@ def test_workdir_not_writable(data_env, capsys, tmp_path):
 def test_sentencepiece_model_missing(data_env, capsys, tmp_path):
   missing = tmp_path / "tok" / "spm32k.model"
   _one_clear_error(*_train_in_process(capsys, tmp_path / "w", f"TrainConfig.tokenizer='{missing}'"),
-                   f"SentencePiece model not found: {missing}", "train_tokenizer")
+                   f"SentencePiece model not found: {missing}", "memorizing-tokenizer")
 
 
 def test_unclosed_parenthesis_in_a_binding_is_one_line(data_env, capsys, tmp_path):

@@ -107,6 +107,8 @@ def _train(cfg, steps=300, rows=8, tail=50, table=T.TrainConfig.learning_rate_mu
   return per_position.mean(), per_position[: cfg.segment_length // 4].mean()
 
 
+# Slow (21 s): a training-quality check; the table itself is tested by the fast tests above.
+@pytest.mark.slow
 def test_xl_cache_lowers_training_loss_with_the_default_position_bias():
   # With the T5 bias learned at the plain rate (no entry for it in
   # TrainConfig.learning_rate_multipliers) this fails: the XL model trains

@@ -88,6 +88,9 @@ def test_unparsable_grid_file_is_one_line_with_its_position(tmp_path, capsys):
   assert "is not valid JSON" in capsys.readouterr().err
 
 
+# Slow (36 s): rows, evals, seeds, --only, the time guard and the JSON run in the default suite
+# (test_rows_evals_only_deadline_and_one_json, tests/test_protocol.py).
+@pytest.mark.slow
 def test_2x2_sweep_writes_table_and_plots_and_rerun_skips(tmp_path, capsys):
   data_dir, sweep_dir = tmp_path / "data", tmp_path / "sweep"
   assert cli.sweep_main(base_flags(sweep_dir, data_dir) + GRID) == 0

@@ -103,6 +103,8 @@ def _run(args, env_extra=None, timeout=300):
                         capture_output=True, text=True, timeout=timeout)
 
 
+# Slow (27 s): the 4-device ScaNN test below compares 4-device losses in the default suite.
+@pytest.mark.slow
 def test_four_devices_give_the_same_losses_as_one(tmp_path, data_dir):
   one, four = tmp_path / "one", tmp_path / "four"
   r1 = _run(flags(one, data_dir), {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})

@@ -116,14 +116,21 @@ class Decoder(nn.Module):
       if mem is not None:
         new_mem[name] = mem
 
-    x = nn.LayerNorm(epsilon=1e-6, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                     name="final_norm")(x)
-    if cfg.tie_embeddings:
-      logits = embed.attend(x) / jnp.sqrt(cfg.d_model).astype(x.dtype)
-    else:
-      logits = nn.Dense(cfg.vocab_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                        use_bias=False, name="logits")(x)
-    return logits.astype(jnp.float32), CarriedState(xl=new_xl, memory=new_mem)
+    return output_logits(cfg, embed, x), CarriedState(xl=new_xl, memory=new_mem)
+
+
+def output_logits(cfg: ModelConfig, embed: nn.Embed, x: jax.Array) -> jax.Array:
+  """Final LayerNorm and logits [B,L,V] float32 of x [B,L,M]. Called inside a
+  compact __call__ (Decoder, IncrementalDecoder): its submodules, "final_norm"
+  and "logits", belong to the caller, so both decoders share one parameter tree."""
+  x = nn.LayerNorm(epsilon=1e-6, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                   name="final_norm")(x)
+  if cfg.tie_embeddings:
+    logits = embed.attend(x) / jnp.sqrt(cfg.d_model).astype(x.dtype)
+  else:
+    logits = nn.Dense(cfg.vocab_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                      use_bias=False, name="logits")(x)
+  return logits.astype(jnp.float32)
 
 
 def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1) -> Dict:

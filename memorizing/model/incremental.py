@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from memorizing.knn_api import KNNBackend, SearchContext
 from memorizing.model import memory as memory_lib
 from memorizing.model.config import ModelConfig
-from memorizing.model.decoder import CarriedState, init_carried_state, layer_name
+from memorizing.model.decoder import CarriedState, init_carried_state, layer_name, output_logits
 from memorizing.model.layers import MLP, RelativePositionBias, XLCache, l2_normalize, local_attention
 from memorizing.model.memory_attention import attend_retrieved, retrieve
 
@@ -205,16 +205,10 @@ class IncrementalDecoder(nn.Module):
       x, new_k[name], new_v[name] = IncrementalBlock(cfg, i, backend=self.backend,
                                                      name=f"block_{i}")(
           x, row, position, xl, state.segment.keys[name], state.segment.values[name], mem)
-    x = nn.LayerNorm(epsilon=1e-6, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                     name="final_norm")(x)
-    if cfg.tie_embeddings:
-      logits = embed.attend(x) / jnp.sqrt(cfg.d_model).astype(x.dtype)
-    else:
-      logits = nn.Dense(cfg.vocab_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                        use_bias=False, name="logits")(x)
+    logits = output_logits(cfg, embed, x)
     new_state = state.replace(segment=SegmentBuffer(keys=new_k, values=new_v),
                               position=position + 1)
-    return logits[:, 0].astype(jnp.float32), new_state
+    return logits[:, 0], new_state
 
 
 def commit(config: ModelConfig, backend: Optional[KNNBackend], state: DecodeState) -> DecodeState:

@@ -157,6 +157,10 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
   `backend` searches the kNN memory in training and evaluation; by default the
   run makes one (`knn.make_backend(model_config)`) and closes it at the end.
   """
+  # jax.distributed first: it must precede any use of the backend, and the lock
+  # below is taken by process 0 only.
+  if cfg.multihost and not jax.distributed.is_initialized():
+    jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
   lock = ckpt_lib.WorkdirLock(ckpt_lib.check_workdir(workdir))
   own = backend is None
   try:
@@ -171,9 +175,7 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
 
 def _train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str,
                         init_from: Optional[str], backend: Optional[KNNBackend]):
-  # 1. devices, mesh ------------------------------------------------------------------
-  if cfg.multihost and not jax.distributed.is_initialized():
-    jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+  # 1. devices, mesh (jax.distributed is initialised by the caller) -------------------
   mesh = make_mesh()
   n_dev = len(jax.devices())
   if cfg.batch_size % n_dev:
