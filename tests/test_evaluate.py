@@ -12,6 +12,7 @@ from memorizing import cli
 from memorizing.training import checkpoint, evaluate
 from memorizing.data import pipeline, registry, tokenizers
 from memorizing.training.train import evaluate_params
+from tests.tiny_run import train_tiny
 
 MAX_TOKENS = 2200   # crosses the 512 and 2048 bucket edges, stays fast
 
@@ -32,13 +33,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp("data"))
-  workdir = str(tmp_path_factory.mktemp("run"))
-  argv = ["--gin_file", "base.gin", "--workdir", workdir,
-          "--gin_param", f"TrainConfig.data_dir = '{data_dir}'"]
-  for p in TINY:
-    argv += ["--gin_param", p]
-  assert cli.train_main(argv) == 0
+  workdir, data_dir = train_tiny(tmp_path_factory, TINY)
   model, train = cli.parse_gin([], [], before=f"{workdir}/{cli.OPERATIVE_CONFIG}")
   assert model.memory_layers == (-1,) and train.data_dir == data_dir
   params, step = checkpoint.load_params(workdir)

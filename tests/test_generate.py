@@ -13,6 +13,7 @@ import pytest
 from memorizing import cli, knn
 from memorizing.model.decoder import Decoder, init_carried_state
 from memorizing.tools import generate
+from tests.tiny_run import train_tiny
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -33,13 +34,7 @@ PROMPT = "def add(a, b):\n    return a + b\n\n" * 3      # 102 bytes: longer tha
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp("data"))
-  workdir = str(tmp_path_factory.mktemp("run"))
-  argv = ["--gin_file", "base.gin", "--workdir", workdir,
-          "--gin_param", f"TrainConfig.data_dir = '{data_dir}'"]
-  for p in TINY:
-    argv += ["--gin_param", p]
-  assert cli.train_main(argv) == 0
+  workdir, _ = train_tiny(tmp_path_factory, TINY)
   model, _, params, _ = generate.load_run(workdir)
   return model, params, workdir
 
