@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import sys
 from typing import Dict, List, Optional, Sequence
 
 from memorizing.errors import PlotError

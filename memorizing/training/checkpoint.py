@@ -148,9 +148,13 @@ class CheckpointManager:
     core = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
     meta = {"carried": self.save_carried_state}
     if jax.process_count() == 1:   # read back and compared on restore
-      meta["checksum"] = checksum([core, state.carried if self.save_carried_state else None])
-      # The parameters alone, for readers that restore only them (memorizing-eval, --init_from).
-      meta["params_checksum"] = checksum(state.params)
+      # The parameters are fetched to the host once for both checksums; the second
+      # one, of the parameters alone, is for readers that restore only them
+      # (memorizing-eval, --init_from).
+      host_params = jax.device_get(state.params)
+      meta["checksum"] = checksum([dict(core, params=host_params),
+                                   state.carried if self.save_carried_state else None])
+      meta["params_checksum"] = checksum(host_params)
     items = {
         "state": ocp.args.StandardSave(core),
         "data": ocp.args.JsonSave({"positions": _gather_positions(data_position)}),

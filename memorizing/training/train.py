@@ -161,7 +161,8 @@ def train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: str
   # below is taken by process 0 only.
   if cfg.multihost and not jax.distributed.is_initialized():
     jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-  lock = ckpt_lib.WorkdirLock(ckpt_lib.check_workdir(workdir))
+  workdir = ckpt_lib.check_workdir(workdir)
+  lock = ckpt_lib.WorkdirLock(workdir)
   own = backend is None
   try:
     if own:
@@ -181,7 +182,6 @@ def _train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: st
   if cfg.batch_size % n_dev:
     raise ConfigError(f"TrainConfig.batch_size={cfg.batch_size} must be a multiple of the "
                      f"{n_dev} devices (rows are split across devices)")
-  workdir = ckpt_lib.check_workdir(workdir)
   check_fits_in_device_memory(model_config, cfg.batch_size, cfg)
   logger = metrics_lib.MetricsLogger(workdir, enabled=jax.process_index() == 0)
 
