@@ -66,15 +66,18 @@ def with_gate(params, value):
 
 
 def test_closed_gate_gives_the_model_without_memory():
-  params = init_params(CONFIG, jax.random.PRNGKey(0))
-  plain = CONFIG.replace(memory_layers=())
+  # With the position bias kept in the memory layer (the default drops it), a
+  # closed gate leaves exactly the layer of the model without memory.
+  config = CONFIG.replace(memory_layer_position_bias=True)
+  params = init_params(config, jax.random.PRNGKey(0))
+  plain = config.replace(memory_layers=())
   plain_params = {k: v for k, v in params.items()}
   plain_params["block_1"] = dict(params["block_1"])
   plain_params["block_1"]["attention"] = {k: v for k, v in params["block_1"]["attention"].items()
                                           if k != "memory_gate"}
   closed = with_gate(params, -50.0)
-  f_mem, f_plain = apply_fn(CONFIG, closed), apply_fn(plain, plain_params)
-  st_mem, st_plain = init_carried_state(CONFIG, 2), init_carried_state(plain, 2)
+  f_mem, f_plain = apply_fn(config, closed), apply_fn(plain, plain_params)
+  st_mem, st_plain = init_carried_state(config, 2), init_carried_state(plain, 2)
   for s in range(3):
     start = jnp.full((2,), s == 0)
     a, st_mem = f_mem(tokens(s), st_mem, start)

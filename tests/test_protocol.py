@@ -42,6 +42,7 @@ def test_protocol_expands_to_the_rows_and_evaluations(tmp_path):
     assert bool(model.memory_layers) == (row not in NO_MEMORY_LAYERS), row
     assert model.use_xl_cache == (row != "no_xl"), row
     assert model.memory_enabled == (row != "mem8192_empty"), row
+    assert not model.memory_layer_position_bias, row        # memory layers match content only
     steps = 2500 if not row.startswith("finetune") else train.num_steps
     assert train.num_steps == steps and steps <= 2500
   assert {r: configs[r][0].memory_size for r in ("mem1536", "mem8192", "mem65536",
@@ -64,6 +65,17 @@ def test_protocol_expands_to_the_rows_and_evaluations(tmp_path):
   assert recipe.startswith("table4_protocol.gin@")
   assert protocol.recipe_id(spec["gin_file"], other, 2500) == recipe
   assert protocol.recipe_id(spec["gin_file"], longer, 2500) != recipe
+
+
+def test_only_takes_a_row_name_for_every_seed_or_one_seeded_job(tmp_path):
+  jobs = protocol_jobs(tmp_path, seeds=(0, 1))
+  assert sweep.select_only(jobs, ["xl,mem8192"]) == {
+      "xl_seed-0", "xl_seed-1", "mem8192_seed-0", "mem8192_seed-1"}
+  assert sweep.select_only(jobs, ["xl_seed-1", "memory65536"]) == {
+      "xl_seed-1", "memory65536_seed-0", "memory65536_seed-1"}
+  assert sweep.select_only(jobs, []) == set()
+  with pytest.raises(sweep.SweepError, match=r"--only xll: no such job.*at every seed: .*xl"):
+    sweep.select_only(jobs, ["xll"])
 
 
 def test_table4_wrapper_builds_the_sweep(tmp_path):

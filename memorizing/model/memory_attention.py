@@ -15,7 +15,9 @@ Per segment, a memory layer (docs/design.md):
               and an empty memory leaves local attention untouched;
   5) appends the segment's keys and values (stop-gradient) to the memory.
 The same q/k/v projections serve local and memory attention, so adding memory
-to a trained model adds only the gate (or the memory bias).
+to a trained model adds only the gate (or the memory bias); unless
+ModelConfig.memory_layer_position_bias is True, the layer also stops using the
+relative position bias (its local attention then matches content only).
 
 When the caller makes the "signals" collection mutable, each memory layer sows
 its memory signals there (memorizing/model/signals.py).

@@ -35,7 +35,8 @@ a fine-tune, then `memorizing-eval --output WORKDIR/results.json`, which
 evaluates with memory and with memory disabled), then every eval
 (`memorizing-eval --workdir SWEEP_DIR/<of> --output SWEEP_DIR/<of>/eval_<name>.json`).
 A job whose output exists is done and skipped; an interrupted run resumes from
-its checkpoint. `--only a,b` runs only those jobs. `--deadline_s T` is a time
+its checkpoint. `--only a,b` runs only those jobs (a row name without `_seed-S`
+selects it at every seed). `--deadline_s T` is a time
 guard: a job that would not end T seconds after the sweep started (estimated
 from the jobs already run: seconds per training step, eval time) is skipped
 and recorded as such. Jobs run in this process (gin is cleared before each;
@@ -179,6 +180,20 @@ def plan(sweep_dir: str, base_files: List[str], base_params: List[str],
       raise SweepError(f"{j.name} refers to {ref!r}, which is not a point or row of this sweep "
                        f"(they are: {', '.join(sorted(known))})")
   return jobs
+
+
+def select_only(jobs: Sequence[Job], flags: Sequence[str]) -> set:
+  """The job names that `--only` flags (comma-separated, repeatable) select: a job's
+  name (`xl_seed-1`) selects that job, a row, eval or point name without its seed
+  (`xl`) selects it at every seed. Empty: no --only given."""
+  wanted = {n.strip() for flag in flags for n in flag.split(",") if n.strip()}
+  unknown = wanted - {j.name for j in jobs} - {j.row for j in jobs}
+  if unknown:
+    rows = sorted({j.row for j in jobs if j.row != j.name})
+    raise SweepError(f"--only {', '.join(sorted(unknown))}: no such job; the jobs are "
+                     f"{', '.join(j.name for j in jobs)}"
+                     + (f" (or, at every seed: {', '.join(rows)})" if rows else ""))
+  return {j.name for j in jobs if j.name in wanted or j.row in wanted}
 
 
 # --- running -------------------------------------------------------------------------
@@ -499,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="evaluate the first N documents of the split (default: "
                       "TrainConfig.eval_max_documents where the config binds it, else all)")
   p.add_argument("--only", action="append", default=[],
-                 help="run only these jobs (comma-separated names; repeatable)")
+                 help="run only these jobs (comma-separated names; a row name without _seed-S means every seed; repeatable)")
   p.add_argument("--deadline_s", type=float, default=0,
                  help="time guard: skip a job that would end later than this many seconds "
                       "after the start (0: none)")
@@ -553,11 +568,7 @@ def main(argv: Sequence[str]) -> int:
     raise SweepError("no grid: give --grid 'Name=[v1,v2]' (repeatable) or --grid_file FILE")
   sweep_dir = os.path.abspath(os.path.expanduser(args.sweep_dir))
   jobs = plan(sweep_dir, base_files, base_params, grid, seeds, spec["rows"], spec["evals"])
-  only = {n.strip() for flag in args.only for n in flag.split(",") if n.strip()}
-  unknown = only - {j.name for j in jobs}
-  if unknown:
-    raise SweepError(f"--only {', '.join(sorted(unknown))}: no such job; the jobs are "
-                     f"{', '.join(j.name for j in jobs)}")
+  only = select_only(jobs, args.only)
   if args.parallel < 1:
     raise SweepError(f"--parallel {args.parallel}: expected 1 or more jobs at once")
   if args.parallel > 1:
