@@ -162,6 +162,27 @@ def test_sigterm_saves_a_checkpoint_then_exits_and_resume_is_exact(env, referenc
   assert_same_checkpoint(reference.wait(), workdir, NUM_STEPS)
 
 
+def test_sigterm_is_honoured_within_a_few_steps_not_at_the_next_log_step(env, tmp_path):
+  """SIGTERM sent just after the checkpoint of step 10 stops the run within a
+  few steps, long before the next checkpoint (step 20) or log step (1000): the
+  loop keeps at most MAX_STEPS_IN_FLIGHT steps queued on the device. The
+  quickstart's model, whose steps take longer than the loop needs to dispatch
+  them (with the tiny model the loop is the slower one, and nothing queues)."""
+  workdir = tmp_path / "run"
+  proc = start(env, workdir, "TrainConfig.dataset='synthetic'", "TrainConfig.num_steps=1000",
+               "TrainConfig.log_every=1000", "TrainConfig.checkpoint_every=10",
+               "TrainConfig.final_eval=False", "TrainConfig.progress_bar=False", tiny=False)
+  first = os.path.join(workdir, "checkpoints", "10")
+  deadline = time.time() + 300
+  while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=300)[0]
+  m = re.search(r"SIGTERM received: finished step (\d+)", out)
+  assert m, out
+  assert 10 <= int(m.group(1)) <= 10 + 3, out
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip_bytes", "corrupt_json"])
 def test_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(
     env, reference, tmp_path, damage):

@@ -263,6 +263,11 @@ def _train_and_evaluate(model_config: ModelConfig, cfg: TrainConfig, workdir: st
       with knn.mesh_context(mesh):      # kNN searches run per device on their rows
         state, m = step_fn(state, global_batch(batch, mesh), step_rng)
       pending.append(m)
+      if len(pending) > MAX_STEPS_IN_FLIGHT:
+        # JAX returns before the device has run the step; without this wait the
+        # loop would queue every step up to the next log step, and a SIGTERM
+        # (noticed here, between steps) would wait for all of them.
+        jax.block_until_ready(pending[-1 - MAX_STEPS_IN_FLIGHT])
       tokens_seen += int(batch["weights"].size)
       done = step + 1
       is_log = done % cfg.log_every == 0 or done == cfg.num_steps
@@ -344,6 +349,11 @@ def _nonfinite_advice(cfg: TrainConfig, skip: bool = True) -> str:
   if skip:
     fixes.append("set TrainConfig.nan_policy='skip'")
   return "Fix: " + ", or ".join(fixes) + "."
+
+
+# Steps the loop may dispatch ahead of the device: enough to keep it busy, few
+# enough that SIGTERM is honoured within a few steps, whatever log_every is.
+MAX_STEPS_IN_FLIGHT = 2
 
 
 class _SigtermFlag:
