@@ -367,3 +367,45 @@ def test_scann_host_callback_failure_is_a_clear_error_not_a_hang(monkeypatch):
   msg = str(result["error"])
   assert "ScannBackend host call failed (layer 3, train)" in msg, msg
   assert "OSError: simulated failure inside the searcher" in msg
+
+
+# --- a full disk ------------------------------------------------------------------------
+def test_a_full_disk_during_a_save_is_one_error_naming_the_intact_checkpoints(tmp_path):
+  """orbax reports a full disk as tensorstore's ValueError (RESOURCE_EXHAUSTED quoting
+  errno 28) or as OSError 28, from the save or from a writer thread; the run gets one
+  CheckpointError that says so and names the complete checkpoints, and the writer
+  threads' own logs of it are dropped. (Reproduced for real on a 1.2 MB tmpfs: the
+  one line comes last; see docs/reliability.md for the thread output that remains.)"""
+  import logging
+  import types
+  from memorizing.errors import CheckpointError
+  from memorizing.training import checkpoint as ckpt
+  manager = ckpt.CheckpointManager(str(tmp_path), save_carried_state=False)
+  state = types.SimpleNamespace(step=np.int32(2), params={"w": np.ones(3, np.float32)},
+                                opt_state={"m": np.zeros(3, np.float32)}, carried=None)
+  manager.save(2, state, {"row": 0})
+  manager.wait()
+  full = ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x\": Failed to write 352 "
+                    "bytes to file 21: No space left on device [os_error_code='28']")
+  for raised in (full, OSError(28, "No space left on device")):
+    def fail(*args, **kwargs):
+      raise raised
+    manager._manager.save = fail
+    with pytest.raises(CheckpointError, match=r"disk full: could not write a checkpoint in "
+                       r".*checkpoints \(No space left on device\); the complete checkpoints "
+                       r"\(2\) are intact; free space"):
+      manager.save(4, state, {"row": 0})
+  assert not ckpt.is_disk_full(RuntimeError("another failure"))
+  try:
+    try:
+      raise OSError(28, "No space left on device")
+    except OSError as inner:
+      raise RuntimeError("commit failed") from inner
+  except RuntimeError as outer:
+    assert ckpt.is_disk_full(outer)
+  record = logging.LogRecord("asyncio", logging.ERROR, __file__, 1,
+                             "Future exception was never retrieved", None,
+                             (OSError, OSError(28, "No space left on device"), None))
+  assert not ckpt._DropDiskFullThreadErrors().filter(record)
+  other = logging.LogRecord("absl", logging.ERROR, __file__, 1, "another failure", None, None)
+  assert ckpt._DropDiskFullThreadErrors().filter(other)

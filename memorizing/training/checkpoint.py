@@ -73,6 +73,38 @@ class _DropMissingMetadataNotice(logging.Filter):
 
 logging.getLogger("absl").addFilter(_DropMissingMetadataNotice())
 
+DISK_FULL_MARKS = ("No space left on device", "[Errno 28]", "os_error_code='28'",
+                   "Disk quota exceeded", "[Errno 122]")
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """True when `error` or an exception it was raised from says the disk is full
+  (orbax raises OSError errno 28, or tensorstore's ValueError RESOURCE_EXHAUSTED
+  that quotes it)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if getattr(error, "errno", None) in (28, 122) or any(m in str(error) for m in DISK_FULL_MARKS):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+class _DropDiskFullThreadErrors(logging.Filter):
+  """orbax's writer threads and their asyncio futures each log a traceback when
+  the disk is full; the run reports it once, as a CheckpointError
+  (CheckpointManager._disk_full)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if error is not None and is_disk_full(error):
+      return False
+    return not any(m in record.getMessage() for m in DISK_FULL_MARKS)
+
+
+for _name in ("absl", "asyncio"):
+  logging.getLogger(_name).addFilter(_DropDiskFullThreadErrors())
+
 LOCK_FILE = ".memorizing-train.lock"
 
 
@@ -135,6 +167,7 @@ class CheckpointManager:
   def __init__(self, workdir: str, keep: int = 3, save_carried_state: bool = True):
     self.directory = os.path.join(workdir, "checkpoints")
     self.save_carried_state = save_carried_state
+    self._failed = False
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
@@ -164,8 +197,24 @@ class CheckpointManager:
       items["carried"] = ocp.args.StandardSave(state.carried)
     # force: orbax would otherwise skip a save while the previous one is still
     # being written, silently losing e.g. the checkpoint taken on SIGTERM.
-    if not self._manager.save(step, args=ocp.args.Composite(**items), force=True):
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # noqa: BLE001 - a full disk surfaces as several orbax types
+      if is_disk_full(e):
+        raise self._disk_full(None) from None
+      raise
+    if not saved:
       raise CheckpointError(f"orbax declined to save checkpoint {step} in {self.directory}")
+
+  def _disk_full(self, step: Optional[int]) -> CheckpointError:
+    """The one-line error of a save that found the disk full (the failed save's
+    temporary directory is ignored on restore, like any interrupted save)."""
+    self._failed = True
+    kept = ", ".join(str(s) for s in self.all_steps()) or "none"
+    which = f"checkpoint {step}" if step is not None else "a checkpoint"
+    return CheckpointError(f"disk full: could not write {which} in {self.directory} (No space "
+                           f"left on device); the complete checkpoints ({kept}) are intact; free "
+                           "space or choose another --workdir, then run the same command again")
 
   def restore(self, step: int, abstract_state, shardings) -> Tuple[Any, dict, bool]:
     """-> (state, this process's data position, whether carried state was restored)."""
@@ -212,11 +261,25 @@ class CheckpointManager:
     return dst
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      if is_disk_full(e):
+        raise self._disk_full(None) from None
+      raise
 
   def close(self) -> None:
-    """Finishes pending saves and stops orbax's background threads."""
-    self._manager.close()
+    """Finishes pending saves and stops orbax's background threads. After a
+    disk-full error (already raised) it does nothing: waiting for the failed
+    writers would only raise (and print) the same error again."""
+    if self._failed:
+      return
+    try:
+      self._manager.close()
+    except Exception as e:  # noqa: BLE001
+      if is_disk_full(e):
+        raise self._disk_full(None) from None
+      raise
 
 
 def _check_shapes(target_params, source_params, source: str) -> None:
