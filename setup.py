@@ -35,7 +35,8 @@ setuptools.setup(
         "scann": ["scann==1.4.2"],
         "plots": ["matplotlib>=3.7"],
         # wheel: tests/test_packaging.py builds the wheel offline (--no-build-isolation).
-        "test": ["pytest>=7", "wheel"],
+        # pytest-xdist: the default run uses two workers (pytest.ini).
+        "test": ["pytest>=7", "pytest-xdist>=3", "wheel"],
         # Preparing the official corpora (pg19, arxiv from GCS; C4 with Beam) only.
         "prepare": ["tensorflow==2.20.*", "apache-beam>=2.50"],
     },

@@ -305,3 +305,18 @@ def test_text_files_from_another_source_is_an_error_unless_overwritten(tmp_path,
   docs = load_documents("text_files", "train", data_dir)[:] + \
       load_documents("text_files", "validation", data_dir)[:]
   assert files["a.txt"] in docs
+
+
+def test_processes_starting_on_a_fresh_data_dir_build_an_embedded_corpus_once(tmp_path):
+  """Two processes that load `synthetic` from an empty data dir at once: one
+  builds it, the other waits for it (a lock file), and both read all of it."""
+  import subprocess
+  import sys
+  code = ("from memorizing.data import registry; "
+          f"print('docs', len(registry.load_documents('synthetic', 'train', {str(tmp_path)!r})))")
+  procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs
+  assert all(out.strip().endswith("docs 36") for out in outs), outs
+  assert sum("Building the embedded corpus" in out for out in outs) == 1, outs

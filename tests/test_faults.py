@@ -409,3 +409,31 @@ def test_a_full_disk_during_a_save_is_one_error_naming_the_intact_checkpoints(tm
   assert not ckpt._DropDiskFullThreadErrors().filter(record)
   other = logging.LogRecord("absl", logging.ERROR, __file__, 1, "another failure", None, None)
   assert ckpt._DropDiskFullThreadErrors().filter(other)
+
+
+def test_a_save_that_would_not_fit_is_refused_before_writing(tmp_path, monkeypatch):
+  """The next checkpoint needs about the latest one's size; with less free space the
+  save is refused in one line, nothing is written, and the checkpoints stay."""
+  import collections
+  import types
+  from memorizing.errors import CheckpointError
+  from memorizing.training import checkpoint as ckpt
+  manager = ckpt.CheckpointManager(str(tmp_path), save_carried_state=False)
+  state = types.SimpleNamespace(step=np.int32(2), params={"w": np.ones(1000, np.float32)},
+                                opt_state={"m": np.zeros(1000, np.float32)}, carried=None)
+  manager.save(2, state, {"row": 0})
+  manager.wait()
+  size = ckpt._tree_bytes(os.path.join(manager.directory, "2"))
+  assert size > 1000
+  usage = collections.namedtuple("usage", "total used free")
+  monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage(10**9, 10**9, size // 2))
+  with pytest.raises(CheckpointError, match=r"disk full: checkpoint 4 needs about .* MiB "
+                     r"\(checkpoint 2 takes .*\) and .* has .* MiB free; the complete "
+                     r"checkpoints \(2\) are intact"):
+    manager.save(4, state, {"row": 0})
+  assert manager.all_steps() == [2] and sorted(os.listdir(manager.directory)) == ["2"]
+  monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage(10**9, 0, 10 * size))
+  manager._failed = False
+  manager.save(4, state, {"row": 0})
+  manager.wait()
+  assert manager.all_steps() == [2, 4]

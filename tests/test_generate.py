@@ -81,6 +81,21 @@ def test_greedy_is_deterministic_and_rows_are_independent(trained):
   assert all(lp <= 0 for lp in both.logprobs[0])
 
 
+def test_prompts_of_several_lengths_each_get_what_they_get_alone(trained):
+  config, params, _ = trained
+  a = np.frombuffer(PROMPT.encode(), np.uint8).astype(np.int32)
+  prompts = [a[:40], a[:L + 7], a[:40][::-1].copy()]
+  gen = generate.Generator(config, params, knn.make_backend(config))
+  seen = []
+  mixed = gen.generate(prompts, max_new_tokens=6, on_token=lambda r, t: seen.append((r, t)))
+  for r, p in enumerate(prompts):
+    alone = gen.generate(p[None], max_new_tokens=6)
+    assert mixed.tokens[r] == alone.tokens[0], r
+    np.testing.assert_allclose(mixed.logprobs[r], alone.logprobs[0], atol=1e-6)
+    assert [t for row, t in seen if row == r] == mixed.tokens[r]
+  assert mixed.prompt_lengths == [40, L + 7, 40] and mixed.prompt_tokens == 40   # the longest
+
+
 def test_stops_at_end_of_document(trained):
   config, params, _ = trained
   a = np.arange(20, dtype=np.int32)[None]

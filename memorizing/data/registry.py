@@ -10,6 +10,7 @@ use, offline.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import shutil
 from typing import Dict, Optional, Sequence, Tuple
@@ -196,9 +197,17 @@ def load_documents(name: str, split: str = "train", data_dir: Optional[str] = No
                        f"{', '.join(spec.splits)}")
   builder_dir = find_prepared(data_dir, spec.tfds_name)
   if builder_dir is None and spec.embedded and auto_prepare:
-    print(f"Building the embedded corpus {name!r} into {data_dir} (offline, once)...", flush=True)
-    print(prepare(name, data_dir), flush=True)
-    builder_dir = find_prepared(data_dir, spec.tfds_name)
+    # Several processes may start on a fresh data dir at once (parallel tests, the
+    # jobs of a sweep): one builds, the others wait for it and read its result.
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f".{spec.tfds_name}.prepare.lock"), "a") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      builder_dir = find_prepared(data_dir, spec.tfds_name)
+      if builder_dir is None:
+        print(f"Building the embedded corpus {name!r} into {data_dir} (offline, once)...",
+              flush=True)
+        print(prepare(name, data_dir), flush=True)
+        builder_dir = find_prepared(data_dir, spec.tfds_name)
   if builder_dir is None:
     raise DatasetError(
         f"Dataset {name!r} is not prepared in {data_dir} (no {spec.tfds_name}/VERSION/"

@@ -15,7 +15,10 @@ Python API:
     result = gen.generate(prompts [B, P] int, max_new_tokens=64, temperature=0.0)
     result.tokens, result.logprobs            # per row: generated ids, their log p
 
-Rows are decoded in lockstep, so the prompts of one batch have one length.
+Rows are decoded in lockstep, all at one position of their segment, so a
+batch runs as one group per prompt length: `gen.generate([ids_a, ids_b, ...])`
+with prompts of different lengths gives each row what it gets alone (greedy),
+in the order given.
 """
 from __future__ import annotations
 
@@ -52,15 +55,18 @@ class PromptError(UsageError, ValueError):
 class GenerationResult:
   tokens: List[List[int]]          # per row, the generated ids (up to and with eos)
   logprobs: List[List[float]]      # per row, log p of each generated id (temperature 1)
-  prompt_tokens: int               # per row
+  prompt_tokens: int               # per row (the longest row's, for prompts of several lengths)
   prompt_seconds: float
   decode_seconds: float
-  decode_steps: int
+  decode_steps: float              # per row (a mean over groups of several prompt lengths)
+
+  prompt_lengths: Optional[List[int]] = None   # per row; None: all prompt_tokens
 
   @property
   def prompt_tokens_per_s(self) -> float:
-    rows = len(self.tokens)
-    return rows * self.prompt_tokens / max(self.prompt_seconds, 1e-9)
+    total = (sum(self.prompt_lengths) if self.prompt_lengths is not None
+             else len(self.tokens) * self.prompt_tokens)
+    return total / max(self.prompt_seconds, 1e-9)
 
   @property
   def decode_tokens_per_s(self) -> float:
@@ -121,13 +127,18 @@ class Generator:
   def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, eos_id: Optional[int] = None,
                on_token: Optional[Callable[[int, int], None]] = None) -> GenerationResult:
-    """prompts [B, P] ids (one prompt per row, one length) -> GenerationResult.
+    """prompts [B, P] ids, or a list of 1-D id sequences of any lengths -> GenerationResult.
 
     Temperature 0 is greedy (argmax, deterministic). `on_token(row, id)` is
     called for each generated id as soon as it is known. A row stops after
     `eos_id`; the call ends when every row has stopped or made max_new_tokens.
+    Prompts of several lengths run as one lockstep group per length (each
+    group sampled with `seed`); rows come back in the order given.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id)
+    if not isinstance(prompts, np.ndarray) and len({len(p) for p in prompts}) > 1:
+      return self._generate_by_length(list(prompts), max_new_tokens, on_token, **kwargs)
     prompts = np.asarray(prompts)
     if prompts.ndim != 2 or prompts.shape[1] == 0:
       raise PromptError("the prompt is empty: give at least one token per row")
@@ -179,6 +190,36 @@ class Generator:
     t2 = time.perf_counter()
     return GenerationResult(tokens=tokens, logprobs=logprobs, prompt_tokens=p,
                             prompt_seconds=t1 - t0, decode_seconds=t2 - t1, decode_steps=steps)
+
+
+  def _generate_by_length(self, prompts: List, max_new_tokens: int,
+                          on_token: Optional[Callable[[int, int], None]], **kwargs
+                          ) -> GenerationResult:
+    """Rows of several prompt lengths: one lockstep group per length, merged."""
+    rows = [np.asarray(p).reshape(-1) for p in prompts]
+    groups = {}
+    for r, ids in enumerate(rows):
+      groups.setdefault(len(ids), []).append(r)
+    tokens, logprobs = [None] * len(rows), [None] * len(rows)
+    prompt_s = decode_s = 0.0
+    row_steps = 0
+    for length in sorted(groups):
+      members = groups[length]
+      relay = None if on_token is None else (
+          lambda i, t, members=members: on_token(members[i], t))
+      part = self.generate(np.stack([rows[r] for r in members]), max_new_tokens,
+                           on_token=relay, **kwargs)
+      for i, r in enumerate(members):
+        tokens[r], logprobs[r] = part.tokens[i], part.logprobs[i]
+      prompt_s += part.prompt_seconds
+      decode_s += part.decode_seconds
+      row_steps += len(members) * part.decode_steps
+    # decode_steps: the mean per row, so that decode_tokens_per_s counts every row's steps.
+    return GenerationResult(tokens=tokens, logprobs=logprobs,
+                            prompt_tokens=max(len(ids) for ids in rows),
+                            prompt_seconds=prompt_s, decode_seconds=decode_s,
+                            decode_steps=row_steps / len(rows),
+                            prompt_lengths=[len(ids) for ids in rows])
 
 
 def generate(model_config: ModelConfig, params, prompts, max_new_tokens: int,

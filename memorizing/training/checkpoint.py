@@ -161,6 +161,18 @@ def _gather_positions(position: dict) -> list:
   return [json.loads(bytes(row).rstrip(b"\0")) for row in everything]
 
 
+def _tree_bytes(path: str) -> int:
+  """Bytes of the files under `path`."""
+  total = 0
+  for root, _, files in os.walk(path):
+    for name in files:
+      try:
+        total += os.path.getsize(os.path.join(root, name))
+      except OSError:
+        pass
+  return total
+
+
 class CheckpointManager:
   """Keeps the `keep` newest checkpoints of `workdir/checkpoints`; saves are atomic."""
 
@@ -178,6 +190,7 @@ class CheckpointManager:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state, data_position: dict) -> None:
+    self._check_space(step)
     core = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
     meta = {"carried": self.save_carried_state}
     if jax.process_count() == 1:   # read back and compared on restore
@@ -205,6 +218,27 @@ class CheckpointManager:
       raise
     if not saved:
       raise CheckpointError(f"orbax declined to save checkpoint {step} in {self.directory}")
+
+  def _check_space(self, step: int) -> None:
+    """Refuses a save that would not fit: it needs about the size of the latest
+    complete checkpoint (plus 10%), and the disk must have that free. A disk
+    that fills during the write is caught from orbax's error instead. The
+    previous save is waited for first (orbax would wait for it anyway), so that
+    its size counts and its own failure is reported here."""
+    self.wait()
+    latest = self._manager.latest_step()
+    if latest is None or jax.process_index() != 0:
+      return
+    need = int(_tree_bytes(os.path.join(self.directory, str(latest))) * 1.1)
+    free = shutil.disk_usage(self.directory).free
+    if free < need:
+      self._failed = True
+      raise CheckpointError(
+          f"disk full: checkpoint {step} needs about {need / 2**20:.1f} MiB (checkpoint "
+          f"{latest} takes {need / 1.1 / 2**20:.1f}) and {self.directory} has "
+          f"{free / 2**20:.1f} MiB free; the complete checkpoints "
+          f"({', '.join(str(s) for s in self.all_steps())}) are intact; free space or choose "
+          "another --workdir, then run the same command again")
 
   def _disk_full(self, step: Optional[int]) -> CheckpointError:
     """The one-line error of a save that found the disk full (the failed save's
