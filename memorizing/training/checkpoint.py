@@ -210,12 +210,7 @@ class CheckpointManager:
       items["carried"] = ocp.args.StandardSave(state.carried)
     # force: orbax would otherwise skip a save while the previous one is still
     # being written, silently losing e.g. the checkpoint taken on SIGTERM.
-    try:
-      saved = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-    except Exception as e:  # noqa: BLE001 - a full disk surfaces as several orbax types
-      if is_disk_full(e):
-        raise self._disk_full(None) from None
-      raise
+    saved = self._orbax(self._manager.save, step, args=ocp.args.Composite(**items), force=True)
     if not saved:
       raise CheckpointError(f"orbax declined to save checkpoint {step} in {self.directory}")
 
@@ -240,13 +235,12 @@ class CheckpointManager:
           f"({', '.join(str(s) for s in self.all_steps())}) are intact; free space or choose "
           "another --workdir, then run the same command again")
 
-  def _disk_full(self, step: Optional[int]) -> CheckpointError:
+  def _disk_full(self) -> CheckpointError:
     """The one-line error of a save that found the disk full (the failed save's
     temporary directory is ignored on restore, like any interrupted save)."""
     self._failed = True
     kept = ", ".join(str(s) for s in self.all_steps()) or "none"
-    which = f"checkpoint {step}" if step is not None else "a checkpoint"
-    return CheckpointError(f"disk full: could not write {which} in {self.directory} (No space "
+    return CheckpointError(f"disk full: could not write a checkpoint in {self.directory} (No space "
                            f"left on device); the complete checkpoints ({kept}) are intact; free "
                            "space or choose another --workdir, then run the same command again")
 
@@ -294,26 +288,25 @@ class CheckpointManager:
     self._manager.reload()
     return dst
 
-  def wait(self) -> None:
+  def _orbax(self, call, *args, **kwargs):
+    """call(*args, **kwargs), with a full disk (which orbax reports as several
+    exception types, from the call or a writer thread) as one CheckpointError."""
     try:
-      self._manager.wait_until_finished()
+      return call(*args, **kwargs)
     except Exception as e:  # noqa: BLE001
       if is_disk_full(e):
-        raise self._disk_full(None) from None
+        raise self._disk_full() from None
       raise
+
+  def wait(self) -> None:
+    self._orbax(self._manager.wait_until_finished)
 
   def close(self) -> None:
     """Finishes pending saves and stops orbax's background threads. After a
     disk-full error (already raised) it does nothing: waiting for the failed
     writers would only raise (and print) the same error again."""
-    if self._failed:
-      return
-    try:
-      self._manager.close()
-    except Exception as e:  # noqa: BLE001
-      if is_disk_full(e):
-        raise self._disk_full(None) from None
-      raise
+    if not self._failed:
+      self._orbax(self._manager.close)
 
 
 def _check_shapes(target_params, source_params, source: str) -> None:
