@@ -96,8 +96,9 @@ class ModelConfig:
   # meliad's memory configs (disable_position_encoding_for_memory_layers): a
   # memory layer's local attention, like its memory attention, can then only
   # match content, so what its queries and keys learn locally serves the lookup
-  # in memory. With it on, the memory lost to Transformer-XL on two of four
-  # corpora; off, it wins on all (docs/memory_diagnosis.md).
+  # in memory. With it on, the memory lost to Transformer-XL in two of three
+  # runs on two corpora; off, it won in five of six runs on three corpora
+  # (docs/memory_diagnosis.md).
   memory_layer_position_bias: bool = False
   memory_bias_init: float = 0.0
   knn_backend: str = "exact"
