@@ -6,6 +6,8 @@ The runs here are fake (memorizing-train/-eval replaced by a function that write
 an evaluation JSON), so the tests take seconds; tests/test_sweep.py runs real ones.
 """
 import json
+import signal
+import sys
 import os
 import threading
 import time
@@ -315,3 +317,86 @@ def test_parallel_scheduler_never_waits_on_a_cycle(tmp_path, monkeypatch):
   worker.join(timeout=20)
   assert not worker.is_alive() and set(status) == {"a", "b", "c", "d"}
   assert order.index("d") > order.index("c")
+
+
+FAKE_JOB = r'''
+import json, os, signal, sys, time
+which, args = sys.argv[1], sys.argv[2:]
+workdir = args[args.index("--workdir") + 1]
+if which == "eval":
+  with open(args[args.index("--output") + 1], "w") as f:
+    json.dump({"checkpoint_step": 3, "results": {"with_memory": {"perplexity": 2.0, "bits_per_byte": 1.0, "tokens": 100, "documents": 6}}}, f)
+  sys.exit(0)
+if os.environ.get("FAKE_JOB") == "finish":
+  sys.exit(0)                                   # the rerun: resumed and finished
+def stop(signum, frame):
+  open(os.path.join(workdir, "saved"), "w").close()   # as memorizing-train: checkpoint, 143
+  sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+open(os.path.join(workdir, "started"), "w").close()
+time.sleep(60)
+sys.exit(1)
+'''
+
+
+def test_sigterm_stops_the_sweep_lets_running_jobs_save_and_the_rerun_resumes(
+    tmp_path, monkeypatch, capsys):
+  """SIGTERM to the sweep reaches its running subprocess jobs (they save and exit 143),
+  starts no queued job, exits 143 naming the interrupted jobs; the same command
+  then finishes them (the real trainings' resume is tests/test_resume.py's)."""
+  script = tmp_path / "fake_job.py"
+  script.write_text(FAKE_JOB)
+  monkeypatch.setattr(sweep, "job_argv", lambda which, args: [sys.executable, str(script), which]
+                      + list(args))
+  sweep_dir = tmp_path / "sweep"
+  flags = ["--dataset", "synthetic", "--data_dir", str(tmp_path / "data"), "--sweep_dir",
+           str(sweep_dir), "--summary", str(tmp_path / "s.json"), "--parallel", "2",
+           "--no_plots", "--only", "xl_seed-0,no_xl_seed-0,mem1536_seed-0"]
+  started = [sweep_dir / f"{r}_seed-0" / "started" for r in ("xl", "no_xl")]
+  got_sigterm = []
+  previous = signal.signal(signal.SIGTERM, lambda *a: got_sigterm.append(1))  # if none catches it
+
+  def send_when_both_run():
+    deadline = time.time() + 60
+    while not all(p.exists() for p in started) and time.time() < deadline:
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  killer = threading.Thread(target=send_when_both_run, daemon=True)
+  killer.start()
+  try:
+    rc = table4.main(flags)
+  finally:
+    killer.join()
+    signal.signal(signal.SIGTERM, previous)
+  assert not got_sigterm, "the sweep did not handle SIGTERM"
+  assert rc == sweep.PREEMPTED
+  out = capsys.readouterr().out
+  assert "stopped by SIGTERM; interrupted: xl_seed-0, no_xl_seed-0" in out
+  assert all((p.parent / "saved").exists() for p in started)       # passed on to the jobs
+  assert not (sweep_dir / "mem1536_seed-0").exists()               # queued: never started
+  with open(sweep_dir / "sweep_results.json") as f:
+    jobs = json.load(f)["jobs"]
+  assert [jobs[f"{r}_seed-0"]["status"] for r in ("xl", "no_xl", "mem1536")] == [
+      "interrupted", "interrupted", "not run"]
+
+  monkeypatch.setenv("FAKE_JOB", "finish")
+  assert table4.main(flags) == 0                                   # the same command again
+  with open(tmp_path / "s.json") as f:
+    assert {r["row"] for r in json.load(f)} == {"xl", "no_xl", "mem1536"}
+
+
+def test_mem_fraction_reaches_jobs_without_parallel(tmp_path, monkeypatch):
+  fake = FakeRuns(sleep=0)
+  monkeypatch.setattr(sweep, "_call", fake)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  flags = ["--dataset", "synthetic", "--data_dir", str(tmp_path / "data"), "--sweep_dir",
+           str(tmp_path / "sweep"), "--summary", "", "--no_plots", "--only", "xl_seed-0",
+           "--parallel", "1", "--mem_fraction", "0.2"]
+  assert table4.main(flags + ["--launcher", "subprocess"]) == 0
+  assert {c[4].get("XLA_PYTHON_CLIENT_MEM_FRACTION") for c in fake.calls} == {"0.2"}
+  seen = []
+  monkeypatch.setattr(sweep, "_call", lambda which, argv, launcher, env=None, log=None: seen.append(
+      (launcher, os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"))) or 1)
+  table4.main(flags + ["--launcher", "inprocess", "--sweep_dir", str(tmp_path / "s2")])
+  assert seen == [("inprocess", "0.2")]      # set in this process before its jax backend starts

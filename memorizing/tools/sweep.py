@@ -35,7 +35,10 @@ a fine-tune, then `memorizing-eval --output WORKDIR/results.json`, which
 evaluates with memory and with memory disabled), then every eval
 (`memorizing-eval --workdir SWEEP_DIR/<of> --output SWEEP_DIR/<of>/eval_<name>.json`).
 A job whose output exists is done and skipped; an interrupted run resumes from
-its checkpoint. `--only a,b` runs only those jobs (a row name without `_seed-S`
+its checkpoint. SIGTERM to the sweep (e.g. `timeout -k 60 3600 memorizing-sweep ...`)
+starts no more jobs, passes the SIGTERM to the running ones (a training finishes
+its step and saves a checkpoint), waits for them and exits with 143; the same
+command then resumes. `--only a,b` runs only those jobs (a row name without `_seed-S`
 selects it at every seed). `--deadline_s T` is a time
 guard: a job that would not end T seconds after the sweep started (estimated
 from the jobs already run: seconds per training step, eval time) is skipped
@@ -72,6 +75,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -203,17 +207,83 @@ def shell_line(train: Optional[List[str]], evaluate: List[str]) -> str:
   return f"memorizing-train {q(train)} && {ev}" if train is not None else ev
 
 
+PREEMPTED = 143      # memorizing-train's exit status after SIGTERM (checkpoint saved)
+
+
+class Stop:
+  """SIGTERM to the sweep (a `timeout`, a scheduler): no job starts any more, the
+  running subprocess jobs get SIGTERM too (a training finishes its step and saves a
+  checkpoint), and the sweep waits for them, records them as interrupted and exits
+  with 143; the same command then resumes them. Installed by `main` (main thread only)."""
+
+  def __init__(self):
+    self.requested = False
+    self._procs: set = set()
+    self._lock = threading.Lock()
+    self._previous = None
+
+  def install(self):
+    self.requested = False
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def _handle(self, signum, frame):
+    if not self.requested:
+      print("[sweep] SIGTERM: no new job starts; the running ones finish their step, save a "
+            "checkpoint and stop", flush=True)
+    self.requested = True
+    with self._lock:
+      for proc in self._procs:
+        try:
+          proc.send_signal(signal.SIGTERM)
+        except (ProcessLookupError, OSError):
+          pass
+
+  def call(self, argv: List[str], **popen_kwargs) -> int:
+    """subprocess.call that a SIGTERM to the sweep reaches (143 if none may start)."""
+    with self._lock:
+      if self.requested:
+        return PREEMPTED
+      proc = subprocess.Popen(argv, **popen_kwargs)
+      self._procs.add(proc)
+    try:
+      return proc.wait()
+    finally:
+      with self._lock:
+        self._procs.discard(proc)
+
+
+STOP = Stop()
+
+
+def job_env(args) -> Optional[Dict[str, str]]:
+  """The environment a job adds: XLA_PYTHON_CLIENT_MEM_FRACTION when --mem_fraction
+  is set (or implied by --parallel N)."""
+  fraction = getattr(args, "mem_fraction", None)
+  return {"XLA_PYTHON_CLIENT_MEM_FRACTION": str(fraction)} if fraction is not None else None
+
+
+def job_argv(which: str, args: List[str]) -> List[str]:
+  """The command line of a subprocess job: memorizing-train or -eval with `args`."""
+  return [sys.executable, "-m", "memorizing.cli", which] + list(args)
+
+
 def _call(which: str, args: List[str], launcher: str, env: Optional[Dict[str, str]] = None,
           log: Optional[str] = None) -> int:
   """Runs memorizing-train or -eval: in this process, or as a subprocess with `env`
   added to the environment and its output appended to the file `log` (if given)."""
   if launcher == "subprocess":
-    argv = [sys.executable, "-m", "memorizing.cli", which] + args
+    argv = job_argv(which, args)
     environ = dict(os.environ, **(env or {}))
     if log is None:
-      return subprocess.call(argv, env=environ)
+      return STOP.call(argv, env=environ)
     with open(log, "a") as out:
-      return subprocess.call(argv, env=environ, stdout=out, stderr=subprocess.STDOUT)
+      return STOP.call(argv, env=environ, stdout=out, stderr=subprocess.STDOUT)
   command = commands.train_command if which == "train" else commands.eval_command
   return commands.run(command, args)
 
@@ -289,7 +359,7 @@ def run_job(job: Job, args, guard: TimeGuard, record: Dict[str, Any], done: set)
   print(f"  {shell_line(train, evaluate)}", flush=True)
   os.makedirs(job.workdir, exist_ok=True)
   parallel = getattr(args, "parallel", 1) > 1
-  env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": str(args.mem_fraction)} if parallel else None
+  env = job_env(args)
   log = lambda which: (os.path.join(job.workdir, f"{which}.log" if job.kind == "train"
                                     else f"eval_{job.name}.log") if parallel else None)
   train_s = eval_s = None
@@ -301,14 +371,20 @@ def run_job(job: Job, args, guard: TimeGuard, record: Dict[str, Any], done: set)
     t0 = time.time()
     rc = _call("train", train, args.launcher, env, log("train"))
     train_s = time.time() - t0
-  if rc == 0:
+  if rc == 0 and not STOP.requested:
     t0 = time.time()
     rc = _call("eval", evaluate, args.launcher, env, log("eval"))
     eval_s = time.time() - t0
-  guard.record(train_s, steps, eval_s)
+  elif rc == 0:
+    rc = PREEMPTED                          # trained; its evaluation waits for the rerun
+  if rc != PREEMPTED and not STOP.requested:
+    guard.record(train_s, steps, eval_s)
   record.update({k: v for k, v in (("train_s", train_s), ("eval_s", eval_s)) if v is not None})
   if rc == 0 and os.path.exists(job.output):
     return "done"
+  if rc == PREEMPTED or STOP.requested:
+    record["interrupted"] = "stopped by SIGTERM; the same command resumes it"
+    return "interrupted"
   record["error"] = f"exit {rc}"
   failed_log = log("eval" if eval_s is not None else "train")
   tail = _tail(failed_log) if failed_log else ""
@@ -355,6 +431,9 @@ def run_parallel(todo: Sequence[Job], args, guard: TimeGuard, status: Dict[str, 
                                           and (j.init_from or j.of) != j.name)]
       if not ready and pending and not running:
         ready = pending[:1]          # references in a cycle: run_job skips it (no results)
+      if STOP.requested:
+        pending.clear()                     # recorded as not run
+        ready = []
       for job in ready:
         if len(running) >= args.parallel:
           break
@@ -366,7 +445,7 @@ def run_parallel(todo: Sequence[Job], args, guard: TimeGuard, status: Dict[str, 
         running[job.name] = thread
         thread.start()
       if running and not finished:
-        cond.wait()
+        cond.wait(1.0)                      # a timeout, so that SIGTERM is handled promptly
 
 
 # --- results -------------------------------------------------------------------------
@@ -524,8 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "waits for the run it fine-tunes or evaluates; each job's output goes to "
                       "WORKDIR/train.log (eval_NAME.log)")
   p.add_argument("--mem_fraction", type=float, default=None,
-                 help="with --parallel N: XLA_PYTHON_CLIENT_MEM_FRACTION of each job "
-                      "(default 0.9 / N)")
+                 help="XLA_PYTHON_CLIENT_MEM_FRACTION of each job (default with --parallel "
+                      "N: 0.9 / N; otherwise jax's own)")
   p.add_argument("--source", default=None,
                  help="prepare TrainConfig.dataset (text_files, or a Debian corpus) from this "
                       "directory or glob first, into TrainConfig.data_dir (default "
@@ -575,6 +654,8 @@ def main(argv: Sequence[str]) -> int:
     args.launcher = "subprocess"          # jax and gin are per process
     if args.mem_fraction is None:
       args.mem_fraction = round(0.9 / args.parallel, 3)
+  elif args.mem_fraction is not None and args.launcher == "inprocess":
+    os.environ.update(job_env(args))      # read when this process starts its jax backend
   os.makedirs(sweep_dir, exist_ok=True)
   corpus_params, facts = protocol.prepare_corpus(base_files, base_params, sweep_dir, args.source)
   recipe = protocol.recipe_id(base_files, jobs, facts["steps"])   # before the corpus's bindings
@@ -623,31 +704,39 @@ def main(argv: Sequence[str]) -> int:
   records = lambda: {j.name: job_record(j, status.get(j.name, "not run"), extra[j.name])
                      for j in jobs}
   failed = 0
-  if todo and not args.collect_only:
-    protocol.ensure_data(base_files, base_params)
-  if not args.collect_only and args.parallel > 1:
-    guard = TimeGuard(args.deadline_s, start)
-    done = {j.name for j in jobs if os.path.exists(j.output)}
+  STOP.install()
+  try:
+    if todo and not args.collect_only:
+      protocol.ensure_data(base_files, base_params)
+    if not args.collect_only and args.parallel > 1:
+      guard = TimeGuard(args.deadline_s, start)
+      done = {j.name for j in jobs if os.path.exists(j.output)}
 
-    def on_finish():
-      write_sweep_results(sweep_dir, sweep_spec, records(), start,
-                          device_description(args.launcher, jobs))
-      write_summary()
-    run_parallel(todo, args, guard, status, extra, done, on_finish)
-    failed = sum(1 for j in todo if status.get(j.name, "").startswith("failed"))
-  elif not args.collect_only:
-    guard = TimeGuard(args.deadline_s, start)
-    done = {j.name for j in jobs if os.path.exists(j.output)}
-    for i, job in enumerate(todo):
-      print(f"[sweep] point {i + 1}/{len(todo)}: {job.name}", flush=True)
-      status[job.name] = run_job(job, args, guard, extra[job.name], done)
-      if status[job.name] == "done":
-        done.add(job.name)
-      elif status[job.name].startswith("failed"):
-        failed += 1
-      write_sweep_results(sweep_dir, sweep_spec, records(), start,
-                          device_description(args.launcher, jobs))
-      write_summary()
+      def on_finish():
+        write_sweep_results(sweep_dir, sweep_spec, records(), start,
+                            device_description(args.launcher, jobs))
+        write_summary()
+      run_parallel(todo, args, guard, status, extra, done, on_finish)
+      failed = sum(1 for j in todo if status.get(j.name, "").startswith("failed"))
+    elif not args.collect_only:
+      guard = TimeGuard(args.deadline_s, start)
+      done = {j.name for j in jobs if os.path.exists(j.output)}
+      for i, job in enumerate(todo):
+        if STOP.requested:
+          break
+        print(f"[sweep] point {i + 1}/{len(todo)}: {job.name}", flush=True)
+        status[job.name] = run_job(job, args, guard, extra[job.name], done)
+        if status[job.name] == "done":
+          done.add(job.name)
+        elif status[job.name].startswith("failed"):
+          failed += 1
+        elif status[job.name] == "interrupted":
+          STOP.requested = True             # an in-process training took the SIGTERM
+        write_sweep_results(sweep_dir, sweep_spec, records(), start,
+                            device_description(args.launcher, jobs))
+        write_summary()
+  finally:
+    STOP.restore()
 
   rows = collect(sweep_dir, jobs, base_files, base_params, status)
   path = write_sweep_results(sweep_dir, sweep_spec, records(), start,
@@ -659,6 +748,12 @@ def main(argv: Sequence[str]) -> int:
   finished = sum(1 for r in rows if "perplexity" in r)
   print(f"[sweep] {finished}/{len(rows)} jobs have results: "
         f"{os.path.join(sweep_dir, 'results.md')}, results.csv and {path}", flush=True)
+  interrupted = [j.name for j in jobs if status.get(j.name) == "interrupted"]
+  if STOP.requested or interrupted:
+    print(f"[sweep] stopped by SIGTERM; interrupted: {', '.join(interrupted) or 'none'}. "
+          "Run the same command again to resume (finished jobs are skipped, an interrupted "
+          "training resumes from its checkpoint)", flush=True)
+    return PREEMPTED
   if not args.no_plots and finished:
     try:
       written = plots.plot_sweep(sweep_dir)
