@@ -180,6 +180,8 @@ def test_rows_evals_only_deadline_and_one_json(tmp_path, capsys):
     jobs = json.load(f)["jobs"]
   assert jobs["memory_size-64"]["status"] == "done"
   assert jobs["memory_size-64"]["train_log"][-1]["step"] == 2
+  curve = jobs["memory_size-64"]["train_log"][-1]["memory"]      # the memory signals' curve
+  assert curve and all({"gate_mean", "mass_mean", "top1_mean"} <= set(v) for v in curve.values())
   assert set(jobs["memory_size-64"]["results"]) == {"with_memory", "memory_disabled"}
   assert jobs["ft"]["init_from"] == "memory_size-64" and jobs["ft"]["checkpoint_step"] == 1
   assert jobs["big"]["status"] == "not run" and "results" not in jobs["big"]

@@ -296,11 +296,24 @@ def _tail(path: str, lines: int = 15) -> str:
     return ""
 
 
+MEMORY_CURVE_KEYS = ("gate_mean", "mass_mean", "top1_mean", "topk_mean", "recall")
+
+
 def train_log(workdir: str) -> List[dict]:
-  """The train records of a run's metrics.jsonl: step, loss, step time, bits per byte."""
-  return [{"step": r["step"], "loss": r["loss"], "step_time": r.get("step_time"),
+  """The train records of a run's metrics.jsonl: step, loss, step time, bits per byte
+  and, for a memory model, each memory layer's mean gate, memory mass, top-1/top-k
+  similarity and recall (so the sweep's JSON shows when the memory took off)."""
+  log = []
+  for r in plots.read_metrics(workdir):
+    if r.get("kind") != "train" or "loss" not in r:
+      continue
+    rec = {"step": r["step"], "loss": r["loss"], "step_time": r.get("step_time"),
            "bits_per_byte": r.get("bits_per_byte")}
-          for r in plots.read_metrics(workdir) if r.get("kind") == "train" and "loss" in r]
+    if r.get("memory"):
+      rec["memory"] = {layer: {k: sig[k] for k in MEMORY_CURVE_KEYS if k in sig}
+                       for layer, sig in r["memory"].items()}
+    log.append(rec)
+  return log
 
 
 class TimeGuard:
