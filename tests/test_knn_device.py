@@ -158,3 +158,16 @@ def test_sort_based_top_k_equals_lax_top_k():
     v2, i2 = jax.lax.top_k(arr, 32)
     np.testing.assert_array_equal(v1, v2)
     np.testing.assert_array_equal(i1, i2)
+
+
+def test_decoding_takes_the_xla_search_on_gpu_and_segments_the_pallas_kernel(monkeypatch):
+  """One query per (row, head) would be padded to a block of 128 by the Pallas kernel;
+  decoding therefore resolves to the XLA bucket search (same buckets, same results,
+  test_device_pallas_kernel_in_interpret_mode_matches_xla), whole segments to Pallas."""
+  monkeypatch.setattr(device.jax, "default_backend", lambda: "gpu")
+  be = device.DeviceBackend()
+  assert be.resolved_impl(64, 32, num_queries=1) == "xla"
+  assert be.resolved_impl(64, 32, num_queries=device.MIN_PALLAS_QUERIES - 1) == "xla"
+  assert be.resolved_impl(64, 32, num_queries=512) == "pallas"
+  assert be.resolved_impl(64, 32) == "pallas"
+  assert device.DeviceBackend(impl="pallas").resolved_impl(64, 32, num_queries=1) == "pallas"

@@ -49,6 +49,12 @@ __all__ = ["DeviceBackend", "buckets_for_recall"]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+# Fewer queries per (row, head) than this (decoding: 1) take the XLA bucket search:
+# the Pallas kernel pads them to a block of `block_q` (128) queries, so one query
+# would pay for 128 queries' scores; the XLA path computes only the real ones.
+MIN_PALLAS_QUERIES = 16
+
+
 class DeviceBackend(KNNBackend):
   """Approximate top-k on the accelerator by strided bucket maxima.
 
@@ -138,8 +144,9 @@ class DeviceBackend(KNNBackend):
   def buckets(self, k: int) -> int:
     return self.num_buckets or buckets_for_recall(k, self.recall_target)
 
-  def resolved_impl(self, head_dim: int, k: int) -> str:
-    """Which implementation `search` runs on the current default backend."""
+  def resolved_impl(self, head_dim: int, k: int, num_queries: Optional[int] = None) -> str:
+    """Which implementation `search` runs on the current default backend, for
+    `num_queries` queries per (row, head) (None: a whole segment)."""
     if self.impl != "auto":
       return self.impl
     platform = jax.default_backend()
@@ -147,7 +154,9 @@ class DeviceBackend(KNNBackend):
       return "approx_max_k"
     s = self.buckets(k)
     pow2 = lambda x: x >= 16 and x & (x - 1) == 0
-    if platform == "gpu" and pallas_chunk(s, self.chunk) >= 16 and pow2(head_dim) and pow2(self.block_q):
+    few = num_queries is not None and num_queries < MIN_PALLAS_QUERIES
+    if (platform == "gpu" and not few and pallas_chunk(s, self.chunk) >= 16 and pow2(head_dim)
+        and pow2(self.block_q)):
       return "pallas"
     return "xla"
 
@@ -163,7 +172,7 @@ class DeviceBackend(KNNBackend):
     count = memory.count
     n, d = keys.shape[2], keys.shape[3]
     s = self.buckets(k)
-    impl = self.resolved_impl(d, k)
+    impl = self.resolved_impl(d, k, queries.shape[2])
     dtype = self._dtype()
 
     if impl == "exact" or n <= s:
