@@ -400,3 +400,32 @@ def test_mem_fraction_reaches_jobs_without_parallel(tmp_path, monkeypatch):
       (launcher, os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"))) or 1)
   table4.main(flags + ["--launcher", "inprocess", "--sweep_dir", str(tmp_path / "s2")])
   assert seen == [("inprocess", "0.2")]      # set in this process before its jax backend starts
+
+
+def test_parse_gin_from_many_threads_gives_each_its_own_config(caplog):
+  """The sweep's job threads parse their configs at once: each must get its own
+  bindings, and gin's search-path misses must not reach the log."""
+  results, errors = {}, []
+
+  def parse(i):
+    try:
+      for _ in range(15):
+        _, cfg = parse_gin(["experiments/table4_protocol.gin", "memory/mem8192.gin"],
+                           [f"TrainConfig.num_steps = {100 + i}"])
+        if cfg.num_steps != 100 + i:
+          results[i] = cfg.num_steps
+    except Exception as e:  # noqa: BLE001
+      errors.append(repr(e))
+
+  threads = [threading.Thread(target=parse, args=(i,)) for i in range(4)]
+  interval = sys.getswitchinterval()
+  sys.setswitchinterval(1e-6)            # switch threads often, as a busy machine would
+  try:
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  finally:
+    sys.setswitchinterval(interval)
+  assert not errors and not results
+  assert "Path not found" not in caplog.text

@@ -7,6 +7,7 @@ then in the project's configs/ folder.
 from __future__ import annotations
 
 import logging
+import threading
 import os
 import tokenize
 from typing import List, Optional
@@ -41,8 +42,19 @@ def find_config(path: str) -> Optional[str]:
   return in_configs if os.path.exists(in_configs) else None
 
 
+# gin's configuration is global: one parse at a time (the sweep's job threads parse
+# their configs concurrently; without this their search-path messages leaked and
+# one thread's clear_config could land inside another's parse).
+_GIN_LOCK = threading.RLock()
+
+
 def parse_gin(gin_files: List[str], gin_params: List[str], before: Optional[str] = None):
   """Parses gin files and bindings; returns (ModelConfig, TrainConfig)."""
+  with _GIN_LOCK:
+    return _parse_gin(gin_files, gin_params, before)
+
+
+def _parse_gin(gin_files: List[str], gin_params: List[str], before: Optional[str] = None):
   gin.clear_config()
   gin.add_config_file_search_path(os.getcwd())
   gin.add_config_file_search_path(CONFIG_DIR)
