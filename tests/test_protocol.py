@@ -196,11 +196,15 @@ def test_parallel_dependencies_summary_and_time_guard(tmp_path, monkeypatch, cap
   with open(tmp_path / "summary.json") as f:
     merged = json.load(f)
   assert len(merged) == len(both) + 1 and merged[0]["perplexity"] == 9.0
+  protocol.merge_summary(str(tmp_path / "summary.json"), [dict(records[0], recipe="variant")])
+  with open(tmp_path / "summary.json") as f:                    # a variant of the recipe adds
+    merged = json.load(f)
+  assert len(merged) == len(both) + 2 and merged[0]["perplexity"] == 9.0
   (tmp_path / "gpu.json").write_text(json.dumps([dict(records[0], commit="gpu")]))
   assert table4.main(["--merge", str(tmp_path / "gpu.json"), "--summary",
                       str(tmp_path / "summary.json")]) == 0
   with open(tmp_path / "summary.json") as f:
-    assert len(json.load(f)) == len(both) + 2
+    assert len(json.load(f)) == len(both) + 3
 
   # The time guard holds under --parallel: past the deadline nothing starts.
   capsys.readouterr()

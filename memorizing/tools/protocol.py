@@ -36,7 +36,7 @@ from memorizing.tools.gin_config import parse_gin
 from memorizing.tools.grid import primary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-KEY = ("dataset", "tokenizer", "seed", "steps", "row", "eval", "commit")
+KEY = ("dataset", "tokenizer", "seed", "steps", "row", "eval", "commit", "recipe")
 # Fields that are the corpus or the seed, not the recipe.
 NOT_RECIPE = {"dataset", "data_dir", "seed", "tokenizer", "vocab_size"}
 # Data sets prepared from a directory, glob or .deb given as --source.
