@@ -18,7 +18,7 @@ from memorizing.data import registry
 from memorizing.errors import ConfigError, DatasetError, UsageError
 from memorizing.data.tokenizer_training import spm_vocab_size
 from memorizing.data.tokenizers import get_tokenizer
-from memorizing.tools import protocol, sweep, table4
+from memorizing.tools import protocol, sweep, table4, table4_report
 from memorizing.tools.gin_config import parse_gin
 
 ROWS = ["xl", "no_xl", "mem1536", "mem8192", "mem8192_empty", "mem65536", "finetune_mem8192",
@@ -433,3 +433,27 @@ def test_parse_gin_from_many_threads_gives_each_its_own_config(caplog):
     sys.setswitchinterval(interval)
   assert not errors and not results
   assert "Path not found" not in caplog.text
+
+
+def test_report_tables_the_summary_and_checks_the_target(tmp_path, capsys):
+  def rec(ds, seed, row, ppl, ev="memory", commit="c1", recipe="r@1"):
+    return {"dataset": ds, "tokenizer": "bytes", "seed": seed, "steps": 2500, "row": row,
+            "eval": ev, "perplexity": ppl, "bits_per_byte": 1.0, "commit": commit,
+            "recipe": recipe, "memory": {"layer_4": {"gate_mean": 0.25, "top1_mean": 0.7,
+                                                     "recall": 0.95}} if row != "xl" else None}
+  records = [rec("a", 0, "xl", 2.0), rec("a", 0, "mem8192", 1.9), rec("a", 0, "mem8192", 2.0,
+                                                                        "disabled"),
+             rec("a", 1, "xl", 2.0), rec("a", 1, "mem8192", 1.99),
+             rec("b", 0, "xl", 3.0, commit="old"), rec("b", 0, "xl", 3.0),
+             rec("b", 0, "mem8192", 2.7), rec("b", 0, "mem8192", 1.0, recipe="other@2")]
+  path = tmp_path / "s.json"
+  path.write_text(json.dumps(records))
+  assert table4.main(["--report", "--summary", str(path), "--recipe", "r@1"]) == 0
+  out = capsys.readouterr().out
+  assert "| 0 | mem8192 | 1.9000 | 2.0000 |  | -5.0% | 0.25 | 0.70 | 0.95 | c1 |" in out
+  assert "**does not hold** (3 pairs, mean gain 5.2%; below 2%: a seed 1 (+0.5%))" in out
+  assert "other@2" not in out                         # another recipe's records are left out
+  holds = table4_report.target(table4_report.gains([r for r in records if r["seed"] == 0],
+                                                   "r@1"))
+  assert holds["holds"] and abs(holds["mean_gain"] - 0.075) < 1e-9
+  assert not table4_report.target([])["holds"]

@@ -10,7 +10,8 @@ It only builds and runs this memorizing-sweep command (printed first):
       --seeds 0 --parallel 6 --summary docs/results/table4_summary.json [--source DIR] ...
 
 `memorizing-table4 --merge GPU_SUMMARY.json` merges a summary written elsewhere (a
-GPU machine's $OUT) into docs/results/table4_summary.json.
+GPU machine's $OUT) into docs/results/table4_summary.json; `memorizing-table4 --report`
+prints it as markdown tables with the check of the XL + 8K target.
 The recipe is configs/experiments/table4_protocol.gin; `--tokenizer spm:8192`
 and `--steps 4800` override its tokenizer and length; any other flag goes to
 memorizing-sweep unchanged (`--only xl,mem8192`, `--deadline_s 560`, ...).
@@ -25,7 +26,7 @@ import tempfile
 from typing import List, Sequence
 
 from memorizing.errors import UsageError
-from memorizing.tools import protocol, sweep
+from memorizing.tools import protocol, sweep, table4_report
 
 PROTOCOL = "experiments/table4_protocol.yaml"
 SUMMARY = os.path.join("docs", "results", "table4_summary.json")
@@ -53,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--summary", default=SUMMARY, help=f"summary JSON to merge into ({SUMMARY})")
   p.add_argument("--parallel", type=int, default=6, help="jobs at once on the device (6)")
   p.add_argument("--protocol", default=PROTOCOL, help=f"the sweep file ({PROTOCOL})")
+  p.add_argument("--report", action="store_true",
+                 help="run nothing: print --summary as markdown tables with the check of the "
+                      "XL + 8K target (memorizing/tools/table4_report.py)")
+  p.add_argument("--recipe", default=None, help="with --report: only this recipe's records")
+  p.add_argument("--report_output", default=None, help="with --report: also write it here")
   p.add_argument("--merge", action="append", default=[],
                  help="run nothing: merge the records of this summary JSON (e.g. one written "
                       "on a GPU machine) into --summary (repeatable)")
@@ -86,6 +92,18 @@ def sweep_argv(args: argparse.Namespace, rest: Sequence[str]) -> List[str]:
 
 def main(argv: Sequence[str]) -> int:
   args, rest = build_parser().parse_known_args(list(argv))
+  if args.report:
+    try:
+      with open(args.summary) as f:
+        records = json.load(f)
+    except (OSError, ValueError) as e:
+      raise UsageError(f"--report: cannot read the summary {args.summary}: {e}") from e
+    text = table4_report.render(records, args.recipe)
+    print(text, end="")
+    if args.report_output:
+      with open(args.report_output, "w") as f:
+        f.write(text)
+    return 0
   if args.merge:
     for path in args.merge:
       with open(path) as f:

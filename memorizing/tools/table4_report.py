@@ -1,0 +1,113 @@
+"""The Table-4 summary JSON as markdown: one table per (recipe, steps, tokenizer, data set)
+and the check of issue 14's required target (XL + 8K better than XL by >= 2% on every
+data set and seed, >= 3% on average). `memorizing-table4 --report`.
+
+When a (dataset, seed, row, eval) was run at several commits of one recipe, the newest
+record in the file counts (records are appended in the order they were merged).
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+ROWS = ("no_xl", "xl", "mem1536", "mem8192", "mem65536", "mem8192_empty", "finetune_mem8192",
+        "finetune_control")
+MIN_GAIN, MIN_MEAN_GAIN = 0.02, 0.03
+
+
+def _latest(records: Sequence[Dict[str, Any]]) -> Dict[Tuple, Dict[str, Any]]:
+  """(recipe, steps, tokenizer, dataset, seed, row, eval) -> the last such record."""
+  out = {}
+  for r in records:
+    out[(r["recipe"], r["steps"], r["tokenizer"], r["dataset"], r["seed"], r["row"],
+         r["eval"])] = r
+  return out
+
+
+def gains(records: Sequence[Dict[str, Any]], recipe: Optional[str] = None
+          ) -> List[Dict[str, Any]]:
+  """Per (recipe, steps, tokenizer, dataset, seed) with both rows: XL's and XL + 8K's
+  perplexity and the relative gain 1 - mem8192 / xl."""
+  latest = _latest(records)
+  out = []
+  for (rec, steps, tok, ds, seed, row, ev), r in latest.items():
+    if row != "xl" or ev != "memory" or (recipe and rec != recipe):
+      continue
+    mem = latest.get((rec, steps, tok, ds, seed, "mem8192", "memory"))
+    if mem:
+      out.append({"recipe": rec, "steps": steps, "tokenizer": tok, "dataset": ds, "seed": seed,
+                  "xl": r["perplexity"], "mem8192": mem["perplexity"],
+                  "gain": 1.0 - mem["perplexity"] / r["perplexity"]})
+  return sorted(out, key=lambda g: (g["recipe"], g["steps"], g["tokenizer"], g["dataset"],
+                                    g["seed"]))
+
+
+def target(gain_rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+  """Issue 14's required target over these (dataset, seed) pairs."""
+  if not gain_rows:
+    return {"holds": False, "why": "no (dataset, seed) has both XL and XL + 8K"}
+  failing = [g for g in gain_rows if g["gain"] < MIN_GAIN]
+  mean = statistics.mean(g["gain"] for g in gain_rows)
+  holds = not failing and mean >= MIN_MEAN_GAIN
+  why = (f"{len(gain_rows)} pairs, mean gain {100 * mean:.1f}%"
+         + (f"; below {100 * MIN_GAIN:.0f}%: " + ", ".join(
+             f"{g['dataset']} seed {g['seed']} ({100 * g['gain']:+.1f}%)" for g in failing)
+            if failing else ""))
+  return {"holds": holds, "mean_gain": mean, "failing": failing, "why": why}
+
+
+def _signal(r: Optional[Dict[str, Any]], key: str) -> str:
+  mem = (r or {}).get("memory") or {}
+  vals = [v[key] for v in mem.values() if isinstance(v, dict) and v.get(key) is not None]
+  return f"{statistics.mean(vals):.2f}" if vals else ""
+
+
+def render(records: Sequence[Dict[str, Any]], recipe: Optional[str] = None) -> str:
+  """Markdown tables of the records (of `recipe` if given) and the target check."""
+  latest = _latest(records)
+  groups: Dict[Tuple, Dict[Tuple, Dict[str, Any]]] = {}
+  for key, r in latest.items():
+    if recipe and key[0] != recipe:
+      continue
+    groups.setdefault(key[:4], {})[key[4:]] = r
+  lines = []
+  for (rec, steps, tok, ds), recs in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+    lines += [f"### {ds}: recipe {rec}, {steps} steps, {tok}", "",
+              "| seed | row | ppl | memory disabled | evaluated with 65K | vs XL | gate | "
+              "top-1 sim. | recall | commit |", "|---|---|---|---|---|---|---|---|---|---|"]
+    seeds = sorted({k[0] for k in recs})
+    for seed in seeds:
+      xl = recs.get((seed, "xl", "memory"))
+      for row in ROWS:
+        r = recs.get((seed, row, "memory"))
+        if r is None:
+          continue
+        off = recs.get((seed, row, "disabled"))
+        big = recs.get((seed, row, "memory65536"))
+        vs = f"{100 * (r['perplexity'] / xl['perplexity'] - 1):+.1f}%" if xl and row != "xl" else ""
+        ppl = lambda x: f"{x['perplexity']:.4f}" if x else ""
+        cells = (seed, row, ppl(r), ppl(off), ppl(big), vs, _signal(r, "gate_mean"),
+                 _signal(r, "top1_mean"), _signal(r, "recall"), str(r.get("commit", ""))[:7])
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines.append("")
+  rows = gains(records, recipe)
+  if rows:
+    lines += ["### XL + 8K against XL", "",
+              "| recipe | steps | tokenizer | data set | seed | XL | XL + 8K | gain (1 - XL+8K/XL) |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {g['recipe']} | {g['steps']} | {g['tokenizer']} | {g['dataset']} | {g['seed']} | "
+              f"{g['xl']:.4f} | {g['mem8192']:.4f} | {100 * g['gain']:+.1f}% |" for g in rows]
+    lines.append("")
+  for (rec, steps, tok), members in _by_recipe(rows).items():
+    t = target(members)
+    lines.append(f"Target (>= {100 * MIN_GAIN:.0f}% on every pair, >= {100 * MIN_MEAN_GAIN:.0f}% "
+                 f"on average) for {rec}, {steps} steps, {tok}: "
+                 f"**{'holds' if t['holds'] else 'does not hold'}** ({t['why']}).")
+  return "\n".join(lines).rstrip() + "\n"
+
+
+def _by_recipe(rows: Sequence[Dict[str, Any]]) -> Dict[Tuple, List[Dict[str, Any]]]:
+  out: Dict[Tuple, List[Dict[str, Any]]] = {}
+  for g in rows:
+    out.setdefault((g["recipe"], g["steps"], g["tokenizer"]), []).append(g)
+  return out
