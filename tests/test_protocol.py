@@ -457,3 +457,12 @@ def test_report_tables_the_summary_and_checks_the_target(tmp_path, capsys):
                                                    "r@1"))
   assert holds["holds"] and abs(holds["mean_gain"] - 0.075) < 1e-9
   assert not table4_report.target([])["holds"]
+
+
+def test_report_of_a_file_that_is_not_a_summary_is_one_line(tmp_path):
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps([{"dataset": "a"}]))
+  with pytest.raises(UsageError, match="not a list of summary records"):
+    table4.main(["--report", "--summary", str(bad)])
+  with pytest.raises(UsageError, match="cannot read the summary"):
+    table4.main(["--report", "--summary", str(tmp_path / "missing.json")])

@@ -219,7 +219,8 @@ class Stop:
   def __init__(self):
     self.requested = False
     self._procs: set = set()
-    self._lock = threading.Lock()
+    # Reentrant: the handler runs in the main thread, which may be inside `call`.
+    self._lock = threading.RLock()
     self._previous = None
 
   def install(self):
@@ -251,6 +252,8 @@ class Stop:
         return PREEMPTED
       proc = subprocess.Popen(argv, **popen_kwargs)
       self._procs.add(proc)
+    if self.requested:                      # SIGTERM came while it was starting
+      proc.send_signal(signal.SIGTERM)
     try:
       return proc.wait()
     finally:

@@ -98,7 +98,11 @@ def main(argv: Sequence[str]) -> int:
         records = json.load(f)
     except (OSError, ValueError) as e:
       raise UsageError(f"--report: cannot read the summary {args.summary}: {e}") from e
-    text = table4_report.render(records, args.recipe)
+    try:
+      text = table4_report.render(records, args.recipe)
+    except (KeyError, TypeError, AttributeError) as e:
+      raise UsageError(f"--report: {args.summary} is not a list of summary records "
+                       f"(memorizing-table4 writes them): missing or bad field {e}") from e
     print(text, end="")
     if args.report_output:
       with open(args.report_output, "w") as f:
