@@ -54,3 +54,12 @@ def test_top_targets_and_self_contained_html():
   assert "<mark>" in page and "data:image/png;base64," in page
   assert "http://" not in page and "https://" not in page
   assert len(inspect_memory.summary_lines(report)) == 4
+
+
+def test_distance_histogram_edges_increase_for_every_segment_length():
+  # The small config's 512-token segments once gave edges 0, 512, 1024, 512, ...
+  # and numpy refused the histogram on the GPU.
+  for length in (8, 128, 512, 1024, 4096, 20000):
+    edges = inspect_memory.distance_edges(length)
+    assert np.all(np.diff(edges) > 0), (length, edges)
+    assert {length, 2 * length} <= set(edges.tolist())

@@ -110,7 +110,7 @@ def inspect_document(config: ModelConfig, params, ids, top: int = 5,
     chosen = [int(i) + 1 for i in np.argsort(diff, kind="stable")[:top]]
   length = cfg.segment_length
   exact = make_backend(cfg)
-  hist_bins = np.array([0, length, 2 * length, 512, 2048, 8192, 32768, 1 << 30])
+  hist_bins = distance_edges(length)
   hist = np.zeros((len(hist_bins) - 1,), np.int64)
   by_pos: Dict[int, Dict] = {p: {"target": p, "loss_memory": float(nll_mem[p - 1]),
                                  "loss_disabled": float(nll_off[p - 1]),
@@ -253,6 +253,14 @@ def render_html(report: Dict, tok, ids, images: Dict[str, bytes], context: int =
       parts.append("</table>")
   parts.append("</body></html>")
   return "\n".join(parts)
+
+
+def distance_edges(segment_length: int) -> np.ndarray:
+  """Edges of the report's retrieval-distance histogram, strictly increasing for
+  any segment length: one and two segments back (inside the XL window), then the
+  memory signals' edges (memorizing.model.signals.DISTANCE_EDGES)."""
+  return np.unique(np.array([0, segment_length, 2 * segment_length,
+                             *signals.DISTANCE_EDGES, 1 << 30], np.int64))
 
 
 def summary_lines(report: Dict) -> List[str]:
