@@ -15,7 +15,7 @@ import time
 import pytest
 
 from memorizing.data import registry
-from memorizing.errors import ConfigError, DatasetError, UsageError
+from memorizing.errors import ConfigError, DatasetError, SweepError, UsageError
 from memorizing.data.tokenizer_training import spm_vocab_size
 from memorizing.data.tokenizers import get_tokenizer
 from memorizing.tools import protocol, sweep, table4, table4_report
@@ -67,6 +67,23 @@ def test_protocol_expands_to_the_rows_and_evaluations(tmp_path):
   assert recipe.startswith("table4_protocol.gin@")
   assert protocol.recipe_id(spec["gin_file"], other, 2500) == recipe
   assert protocol.recipe_id(spec["gin_file"], longer, 2500) != recipe
+
+
+def test_memory_layer_variant_keeps_the_xl_rows_run(tmp_path, capsys):
+  # MEMORY_LAYERS changes the memory rows (and the recipe) but not the XL row,
+  # so a variant's XL + 8K can be compared with the XL trained for the recipe.
+  spec = sweep.load_grid_file(table4.PROTOCOL)
+  def rows(*params):
+    jobs = sweep.plan(str(tmp_path), spec["gin_file"], list(params), {}, [0], spec["rows"],
+                      spec["evals"])
+    return protocol.recipe_id(spec["gin_file"], jobs, 2500), protocol.row_configs(jobs, 2500)
+  recipe, base = rows()
+  variant_recipe, variant = rows("MEMORY_LAYERS = (-3,)")
+  assert variant_recipe != recipe
+  assert variant["xl"] == base["xl"] and variant["no_xl"] == base["no_xl"]
+  assert variant["mem8192"] != base["mem8192"] and variant["mem8192"] != variant["xl"]
+  _, broken = rows("ModelConfig.memory_layers = (-3,)")    # overrides memory/xl.gin too
+  assert broken["xl"] == broken["mem8192"] != base["xl"]
 
 
 def test_only_takes_a_row_name_for_every_seed_or_one_seeded_job(tmp_path):
@@ -218,6 +235,27 @@ def test_parallel_dependencies_summary_and_time_guard(tmp_path, monkeypatch, cap
   assert "needs xl_seed-2" in jobs["finetune_control_seed-2"]["skipped"]
   with open(tmp_path / "summary.json") as f:
     assert {r["seed"] for r in json.load(f)} == {0, 1}
+
+
+def test_records_rebuilt_from_sweep_results_equal_the_summary(tmp_path, monkeypatch):
+  # A GPU call whose summary did not come back: its sweep_results.json holds the
+  # same records (with and without the facts kept in the sweep spec).
+  monkeypatch.setenv("MEMORIZING_COMMIT", "abc123")
+  assert run_protocol(tmp_path, FakeRuns(sleep=0), monkeypatch) == 0
+  with open(tmp_path / "summary.json") as f:
+    written = json.load(f)
+  results = tmp_path / "sweep" / "sweep_results.json"
+  assert table4.main(["--merge", str(results), "--summary", str(tmp_path / "rebuilt.json")]) == 0
+  with open(tmp_path / "rebuilt.json") as f:
+    assert json.load(f) == written
+  assert all(r["xl_config"] and r["row_config"] for r in written)
+  data = json.loads(results.read_text())
+  del data["sweep"]["summary_facts"], data["sweep"]["row_configs"]   # files of older sweeps
+  assert sweep.summary_from_results(data) == written
+  data["sweep"]["recipe"] = "table4_protocol.gin@0000000000"        # a recipe not at hand
+  assert all("row_config" not in r for r in sweep.summary_from_results(data))
+  with pytest.raises(SweepError, match="not a sweep_results.json"):
+    sweep.summary_from_results({"jobs": {}})
 
 
 def test_spm_tokenizer_is_trained_once_and_bound(tmp_path, monkeypatch, capsys):
@@ -457,6 +495,35 @@ def test_report_tables_the_summary_and_checks_the_target(tmp_path, capsys):
                                                    "r@1"))
   assert holds["holds"] and abs(holds["mean_gain"] - 0.075) < 1e-9
   assert not table4_report.target([])["holds"]
+
+
+def test_report_takes_xl_from_another_recipe_only_when_it_is_the_same_run(tmp_path, capsys):
+  def rec(recipe, row, ppl, row_config, xl_config, seed=0):
+    return {"dataset": "a", "tokenizer": "bytes", "seed": seed, "steps": 2500, "row": row,
+            "eval": "memory", "perplexity": ppl, "bits_per_byte": 1.0, "commit": "c",
+            "recipe": recipe, "row_config": row_config, "xl_config": xl_config}
+  records = [rec("base@1", "xl", 2.0, "X", "X"), rec("base@1", "mem8192", 1.9, "M", "X"),
+             rec("base@1", "xl", 2.0, "X", "X", seed=1),
+             rec("variant@2", "mem8192", 1.8, "M3", "X"),        # same XL run: compared
+             rec("variant@2", "mem8192", 1.5, "M3", "Y", seed=1)]  # another XL: not compared
+  got = {(g["recipe"], g["seed"]): g for g in table4_report.gains(records)}
+  assert set(got) == {("base@1", 0), ("variant@2", 0)}
+  assert abs(got[("variant@2", 0)]["gain"] - 0.1) < 1e-9
+  assert got[("variant@2", 0)]["xl_recipe"] == "base@1" and "xl_recipe" not in got[("base@1", 0)]
+  text = table4_report.render(records, "variant@2")
+  assert "| 0 | xl (the same run: base@1) | 2.0000 |" in text
+  assert "| 0 | mem8192 | 1.8000 |  |  | -10.0% |" in text
+
+
+def test_sweep_warns_when_a_binding_makes_two_rows_the_same_run(tmp_path, monkeypatch, capsys):
+  assert run_protocol(tmp_path, FakeRuns(sleep=0), monkeypatch, "--only", "xl",
+                      "--gin_param", "ModelConfig.memory_layers = (-3,)") == 0
+  out = capsys.readouterr().out
+  assert "warning: rows xl, mem8192 resolve to the same run" in out
+  assert "warning: rows finetune_mem8192, finetune_control resolve to the same run" in out
+  assert run_protocol(tmp_path, FakeRuns(sleep=0), monkeypatch, "--only", "xl",
+                      "--gin_param", "MEMORY_LAYERS = (-3,)") == 0
+  assert "warning" not in capsys.readouterr().out
 
 
 def test_report_of_a_file_that_is_not_a_summary_is_one_line(tmp_path):

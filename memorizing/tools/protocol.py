@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import subprocess
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import gin
 
@@ -75,12 +75,10 @@ def _recipe_fields(files: Sequence[str], params: Sequence[str]) -> Dict[str, Any
   return fields
 
 
-def recipe_id(base_files: Sequence[str], jobs: Sequence[Any], steps: int) -> str:
-  """'<protocol gin file>@<10 hex digits>': a hash of every run's resolved config
-  (but the data set, data_dir and seed; a run's num_steps counts only where it
-  differs from the protocol's `steps`, which has a key of its own in the summary),
-  the fine-tunes' sources and the extra evaluations, so that a change anywhere in
-  the recipe's files changes it."""
+def _recipe_runs(jobs: Sequence[Any], steps: int) -> Dict[str, Any]:
+  """{row: what defines it}: a train row's resolved config (but the data set,
+  data_dir and seed; num_steps only where it differs from the protocol's `steps`),
+  its fine-tune source and memory mode; an extra evaluation's run and bindings."""
   runs: Dict[str, Any] = {}
   for job in jobs:
     if job.kind == "train" and (job.row or job.name) not in runs:
@@ -93,9 +91,27 @@ def recipe_id(base_files: Sequence[str], jobs: Sequence[Any], steps: int) -> str
     elif job.kind == "eval" and (job.row or job.name) not in runs:
       runs[job.row or job.name] = {"of": job.of_row or job.of, "gin_param": list(job.params),
                                    "memory": job.memory}
-  text = json.dumps(runs, sort_keys=True, default=str)
+  return runs
+
+
+def _digest(obj: Any) -> str:
+  text = json.dumps(obj, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def recipe_id(base_files: Sequence[str], jobs: Sequence[Any], steps: int) -> str:
+  """'<protocol gin file>@<10 hex digits>': a hash of every row's definition
+  (`_recipe_runs`: resolved configs, fine-tune sources, extra evaluations), so
+  that a change anywhere in the recipe's files changes it."""
   name = os.path.basename(base_files[-1]) if base_files else "command-line"
-  return f"{name}@{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+  return f"{name}@{_digest(_recipe_runs(jobs, steps))}"
+
+
+def row_configs(jobs: Sequence[Any], steps: int) -> Dict[str, str]:
+  """{row: 10 hex digits}: a hash of each row's own definition. Two recipes that
+  differ only in their memory rows give their XL row the same hash, so the report
+  can compare a variant's XL + 8K with an XL trained under another recipe."""
+  return {row: _digest(run) for row, run in _recipe_runs(jobs, steps).items()}
 
 
 def tokenizer_name(tokenizer: str) -> str:
@@ -182,15 +198,26 @@ def _variants(results: dict, eval_name: Optional[str]) -> List[Tuple[str, dict]]
   return [("memory", main)] + ([("disabled", off)] if off is not None else [])
 
 
-def summary_records(jobs: Sequence[Any], facts: Dict[str, Any], commit: str,
-                    recipe: str) -> List[Dict[str, Any]]:
-  """One record per finished (row, evaluation) of `jobs` (memorizing.tools.sweep.Job)."""
+def _read_output(job: Any) -> Optional[dict]:
+  try:
+    with open(job.output) as f:
+      return json.load(f)
+  except (OSError, ValueError):          # not written, or still being written
+    return None
+
+
+def summary_records(jobs: Sequence[Any], facts: Dict[str, Any], commit: str, recipe: str,
+                    load: Callable[[Any], Optional[dict]] = _read_output,
+                    rows: Optional[Dict[str, str]] = None) -> List[Dict[str, Any]]:
+  """One record per finished (row, evaluation) of `jobs` (memorizing.tools.sweep.Job).
+  `load(job)`: the job's results JSON ({"results", "checkpoint_step"}) or None;
+  by default its output file. `rows`: row_configs of the recipe; a record then
+  carries its row's hash ("row_config") and the recipe's XL row's ("xl_config")."""
+  rows = rows or {}
   out = []
   for job in jobs:
-    try:
-      with open(job.output) as f:
-        res = json.load(f)
-    except (OSError, ValueError):          # not written, or still being written
+    res = load(job)
+    if not res or "results" not in res:
       continue
     row = job.row or job.name
     eval_name = None
@@ -202,6 +229,9 @@ def summary_records(jobs: Sequence[Any], facts: Dict[str, Any], commit: str,
              "row": row, "eval": ev, "perplexity": result["perplexity"],
              "bits_per_byte": result["bits_per_byte"], "commit": commit, "recipe": recipe,
              "checkpoint_step": res.get("checkpoint_step")}
+      for field, name in (("row_config", row), ("xl_config", "xl")):
+        if name in rows:
+          rec[field] = rows[name]
       memory = memory_summary(result)
       if memory:
         rec["memory"] = memory

@@ -500,6 +500,30 @@ def job_record(job: Job, status: str, extra: Dict[str, Any]) -> Dict[str, Any]:
   return rec
 
 
+def summary_from_results(data: Dict[str, Any]) -> List[Dict[str, Any]]:
+  """The summary records of a sweep_results.json (`data`): the same records that
+  `--summary` writes, rebuilt from the results the file holds, for a call whose
+  summary did not come back. Raises SweepError if `data` is not such a file."""
+  try:
+    spec, done = data["sweep"], data["jobs"]
+    jobs = plan("/", list(spec["gin_file"]), list(spec["gin_param"]), spec["grid"],
+                spec["seeds"], spec["rows"], spec["evals"])
+    recipe, commit = spec["recipe"], spec["commit"]
+  except (KeyError, TypeError) as e:
+    raise SweepError(f"not a sweep_results.json of memorizing-sweep: missing {e}") from e
+  facts = spec.get("summary_facts")
+  if facts is None:              # written before the facts were kept: parse the recipe
+    _, train_config = parse_gin(list(spec["gin_file"]), list(spec["gin_param"]))
+    facts = {"tokenizer": protocol.tokenizer_name(train_config.tokenizer),
+             "steps": train_config.num_steps, "seed": train_config.seed}
+  facts = dict(facts, dataset=spec.get("summary_dataset") or facts.get("dataset"))
+  rows = spec.get("row_configs")
+  if rows is None and protocol.recipe_id(spec["gin_file"], jobs, facts["steps"]) == recipe:
+    rows = protocol.row_configs(jobs, facts["steps"])   # the recipe is the same here
+  return protocol.summary_records(jobs, facts, commit, recipe,
+                                  load=lambda job: done.get(job.name), rows=rows)
+
+
 def _fmt(v) -> str:
   if isinstance(v, float):
     return "" if math.isnan(v) else f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
@@ -675,6 +699,14 @@ def main(argv: Sequence[str]) -> int:
   os.makedirs(sweep_dir, exist_ok=True)
   corpus_params, facts = protocol.prepare_corpus(base_files, base_params, sweep_dir, args.source)
   recipe = protocol.recipe_id(base_files, jobs, facts["steps"])   # before the corpus's bindings
+  row_configs = protocol.row_configs(jobs, facts["steps"])
+  same: Dict[str, List[str]] = {}
+  for row, digest in row_configs.items():
+    same.setdefault(digest, []).append(row)
+  for rows in same.values():
+    if len(rows) > 1:
+      print(f"[sweep] warning: rows {', '.join(rows)} resolve to the same run: a --gin_param "
+            "binds what their gin files set (bindings apply after every file)", flush=True)
   if corpus_params:
     base_params += corpus_params
     jobs = plan(sweep_dir, base_files, base_params, grid, seeds, spec["rows"], spec["evals"])
@@ -690,12 +722,14 @@ def main(argv: Sequence[str]) -> int:
 
   def write_summary():
     if summary:
-      protocol.merge_summary(summary, protocol.summary_records(jobs, facts, commit, recipe))
+      protocol.merge_summary(summary, protocol.summary_records(jobs, facts, commit, recipe,
+                                                               rows=row_configs))
 
   sweep_spec = {"gin_file": base_files, "gin_param": base_params, "grid": grid,
                 "seeds": seeds, "rows": spec["rows"], "evals": spec["evals"],
                 "eval_gin_param": args.eval_gin_param, "max_documents": args.max_documents,
-                "recipe": recipe, "commit": commit, "summary_dataset": facts["dataset"]}
+                "recipe": recipe, "commit": commit, "summary_dataset": facts["dataset"],
+                "summary_facts": facts, "row_configs": row_configs}
   with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
     json.dump(sweep_spec, f, indent=1)
 

@@ -10,7 +10,8 @@ It only builds and runs this memorizing-sweep command (printed first):
       --seeds 0 --parallel 6 --summary docs/results/table4_summary.json [--source DIR] ...
 
 `memorizing-table4 --merge GPU_SUMMARY.json` merges a summary written elsewhere (a
-GPU machine's $OUT) into docs/results/table4_summary.json; `memorizing-table4 --report`
+GPU machine's $OUT) into docs/results/table4_summary.json; given a sweep's
+sweep_results.json instead, it rebuilds the same records from the results it holds; `memorizing-table4 --report`
 prints it as markdown tables with the check of the XL + 8K target.
 The recipe is configs/experiments/table4_protocol.gin; `--tokenizer spm:8192`
 and `--steps 4800` override its tokenizer and length; any other flag goes to
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--report_output", default=None, help="with --report: also write it here")
   p.add_argument("--merge", action="append", default=[],
                  help="run nothing: merge the records of this summary JSON (e.g. one written "
-                      "on a GPU machine) into --summary (repeatable)")
+                      "on a GPU machine), or the records rebuilt from a sweep's "
+                      "sweep_results.json, into --summary (repeatable)")
   return p
 
 
@@ -112,6 +114,8 @@ def main(argv: Sequence[str]) -> int:
     for path in args.merge:
       with open(path) as f:
         records = json.load(f)
+      if isinstance(records, dict):       # a sweep_results.json: rebuild its records
+        records = sweep.summary_from_results(records)
       total = protocol.merge_summary(args.summary, records)
       print(f"merged {len(records)} records of {path} into {args.summary} ({total} records)")
     return 0

@@ -4,6 +4,9 @@ data set and seed, >= 3% on average). `memorizing-table4 --report`.
 
 When a (dataset, seed, row, eval) was run at several commits of one recipe, the newest
 record in the file counts (records are appended in the order they were merged).
+A recipe that changes only memory rows has the XL row of another: records carry a
+hash of their row's definition (row_config) and of their recipe's XL row
+(xl_config), and the XL record of another recipe with the same hash stands in.
 """
 from __future__ import annotations
 
@@ -24,20 +27,40 @@ def _latest(records: Sequence[Dict[str, Any]]) -> Dict[Tuple, Dict[str, Any]]:
   return out
 
 
+def _shared_xl(latest: Dict[Tuple, Dict[str, Any]], mem: Dict[str, Any], key: Tuple
+               ) -> Optional[Dict[str, Any]]:
+  """The XL record for `mem` (an XL + 8K record) from another recipe whose XL row
+  is the same run (equal "row_config" to mem's "xl_config"), or None."""
+  want = mem.get("xl_config")
+  if not want:
+    return None
+  steps, tok, ds, seed = key[1:5]
+  found = [r for (rec, st, tk, d, sd, row, ev), r in latest.items()
+           if (st, tk, d, sd, row, ev) == (steps, tok, ds, seed, "xl", "memory")
+           and r.get("row_config") == want]
+  return found[-1] if found else None
+
+
 def gains(records: Sequence[Dict[str, Any]], recipe: Optional[str] = None
           ) -> List[Dict[str, Any]]:
   """Per (recipe, steps, tokenizer, dataset, seed) with both rows: XL's and XL + 8K's
-  perplexity and the relative gain 1 - mem8192 / xl."""
+  perplexity and the relative gain 1 - mem8192 / xl. Where the recipe has no XL
+  record, an XL record of another recipe counts if its row is the same run
+  (`xl_recipe` then names that recipe)."""
   latest = _latest(records)
   out = []
-  for (rec, steps, tok, ds, seed, row, ev), r in latest.items():
-    if row != "xl" or ev != "memory" or (recipe and rec != recipe):
+  for key, mem in latest.items():
+    rec, steps, tok, ds, seed, row, ev = key
+    if row != "mem8192" or ev != "memory" or (recipe and rec != recipe):
       continue
-    mem = latest.get((rec, steps, tok, ds, seed, "mem8192", "memory"))
-    if mem:
-      out.append({"recipe": rec, "steps": steps, "tokenizer": tok, "dataset": ds, "seed": seed,
-                  "xl": r["perplexity"], "mem8192": mem["perplexity"],
-                  "gain": 1.0 - mem["perplexity"] / r["perplexity"]})
+    xl = latest.get((rec, steps, tok, ds, seed, "xl", "memory")) or _shared_xl(latest, mem, key)
+    if xl:
+      g = {"recipe": rec, "steps": steps, "tokenizer": tok, "dataset": ds, "seed": seed,
+           "xl": xl["perplexity"], "mem8192": mem["perplexity"],
+           "gain": 1.0 - mem["perplexity"] / xl["perplexity"]}
+      if xl["recipe"] != rec:
+        g["xl_recipe"] = xl["recipe"]
+      out.append(g)
   return sorted(out, key=lambda g: (g["recipe"], g["steps"], g["tokenizer"], g["dataset"],
                                     g["seed"]))
 
@@ -78,14 +101,19 @@ def render(records: Sequence[Dict[str, Any]], recipe: Optional[str] = None) -> s
     seeds = sorted({k[0] for k in recs})
     for seed in seeds:
       xl = recs.get((seed, "xl", "memory"))
+      mem = recs.get((seed, "mem8192", "memory"))
+      if xl is None and mem:
+        xl = _shared_xl(latest, mem, (rec, steps, tok, ds, seed))
       for row in ROWS:
-        r = recs.get((seed, row, "memory"))
+        r = xl if row == "xl" else recs.get((seed, row, "memory"))
         if r is None:
           continue
         off = recs.get((seed, row, "disabled"))
         big = recs.get((seed, row, "memory65536"))
         vs = f"{100 * (r['perplexity'] / xl['perplexity'] - 1):+.1f}%" if xl and row != "xl" else ""
         ppl = lambda x: f"{x['perplexity']:.4f}" if x else ""
+        if r["recipe"] != rec:
+          row = f"xl (the same run: {r['recipe']})"
         cells = (seed, row, ppl(r), ppl(off), ppl(big), vs, _signal(r, "gate_mean"),
                  _signal(r, "top1_mean"), _signal(r, "recall"), str(r.get("commit", ""))[:7])
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -96,7 +124,8 @@ def render(records: Sequence[Dict[str, Any]], recipe: Optional[str] = None) -> s
               "| recipe | steps | tokenizer | data set | seed | XL | XL + 8K | gain (1 - XL+8K/XL) |",
               "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {g['recipe']} | {g['steps']} | {g['tokenizer']} | {g['dataset']} | {g['seed']} | "
-              f"{g['xl']:.4f} | {g['mem8192']:.4f} | {100 * g['gain']:+.1f}% |" for g in rows]
+              f"{g['xl']:.4f}{' (' + g['xl_recipe'] + ')' if 'xl_recipe' in g else ''} | "
+              f"{g['mem8192']:.4f} | {100 * g['gain']:+.1f}% |" for g in rows]
     lines.append("")
   for (rec, steps, tok), members in _by_recipe(rows).items():
     t = target(members)
