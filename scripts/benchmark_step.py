@@ -55,6 +55,7 @@ from memorizing.model import layers
 from memorizing.model.config import ModelConfig, TrainConfig
 from memorizing.model.decoder import count_params, init_carried_state, init_params, layer_name
 from memorizing.model.layers import l2_normalize
+from memorizing.tools import profile_ops
 from memorizing.training.step import TrainState, make_optimizer, train_step
 
 H200_PEAK_BF16 = 989.4e12
@@ -269,6 +270,17 @@ def run_one(run, args, params_cache, train_mod):
     jax.block_until_ready((state, metrics))
     windows.append((time.perf_counter() - t) / steps)
   step_s = statistics.median(windows)
+  if args.profile_steps:
+    holder = {"state": state}
+
+    def one_step():
+      holder["state"], m = compiled(holder["state"], batches[0], rng)
+      return m
+    log_dir = os.path.join(args.profile_dir, run["name"]) if args.profile_dir else ""
+    prof = profile_ops.trace_ops(one_step, args.profile_steps, log_dir,
+                                 hlo_text=compiled.as_text())
+    state = holder["state"]
+    result["profile"] = {k: prof[k] for k in ("ms_per_step", "total_ms_per_step", "ops")}
   flops = step_flops(cfg, batch, n_params)
   dev = jax.devices()[0]
   stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
@@ -379,6 +391,11 @@ def main(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--check_attention", default="",
                  help="implementations to check against einsum float32 first, e.g. cudnn,remat")
+  p.add_argument("--profile_steps", type=int, default=0,
+                 help="after timing, trace this many steps and report device op time per "
+                      "op class (memorizing/tools/profile_ops.py); 0: no profile")
+  p.add_argument("--profile_dir", default="",
+                 help="keep the traces here (one folder per run; default: a temporary folder)")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
   on_gpu = jax.default_backend() == "gpu"
@@ -457,6 +474,11 @@ def main(argv=None):
                   "MFU against 989.4 TFLOP/s dense bf16"),
       results=results)
   text = table(results)
+  profiled = {f"{r['name']} {r['memory_size'] or ''}".strip(): r["profile"]
+              for r in results if r.get("profile")}
+  if profiled:
+    text += "\n\nDevice op time per step by op class (profile of --profile_steps steps):\n\n"
+    text += profile_ops.class_table(profiled)
   print(text, flush=True)
   if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

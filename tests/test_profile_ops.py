@@ -1,0 +1,56 @@
+"""memorizing.tools.profile_ops: ops are classified by what they compute (not by
+their operands' names), and a CPU trace of a jitted step is read back per class."""
+import jax
+import jax.numpy as jnp
+
+from memorizing.tools import profile_ops
+
+
+def test_classify_names_gpu_ops_by_kind():
+  c = profile_ops.classify
+  assert c("custom-call __cublas$lt$matmul") == "matmul"
+  assert c("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+  assert c("custom-call __cudnn$fmhaSoftmax") == "attention (cuDNN / flash)"
+  assert c("fusion parameter dot") == "matmul"
+  assert c("custom-call TopK") == "top-k / sort"
+  assert c("fusion parameter dynamic-update-slice") == (
+      "memory write (scatter / dynamic-update-slice)")
+  assert c("loop_transpose_fusion") == "copy / transpose"
+  assert c("fusion parameter add multiply") == "other fusion"
+  assert c("bitcast") == profile_ops.OTHER
+
+
+def test_hlo_index_reads_a_fusions_body_not_its_operand_names():
+  hlo = "\n".join([
+      "HloModule jit_f, entry_computation_layout={(f32[4,4]{1,0})->f32[4,4]{1,0}}",
+      "%fused_dot (p0: f32[4,4]) -> f32[4,4] {",
+      "  %p0 = f32[4,4]{1,0} parameter(0)",
+      "  ROOT %dot.1 = f32[4,4]{1,0} dot(%p0, %p0), lhs_contracting_dims={1}, "
+      'rhs_contracting_dims={0}, metadata={op_name="jit(f)/sort_like"}',
+      "}",
+      "ENTRY %main (x: f32[4,4]) -> f32[4,4] {",
+      "  %x = f32[4,4]{1,0} parameter(0)",
+      "  %sort.3 = f32[4,4]{1,0} fusion(%x), kind=kOutput, calls=%fused_dot",
+      "  ROOT %slice.2 = f32[4,4]{1,0} slice(%sort.3), slice={[0:4], [0:4]}",
+      "}"])
+  index = profile_ops.hlo_index(hlo)
+  assert profile_ops.classify(index["sort.3"]) == "matmul"        # its body holds the dot
+  assert "sort" not in index["slice.2"]                          # an operand's name
+  assert profile_ops.classify(index["slice.2"]) == profile_ops.OTHER
+
+
+def test_cpu_trace_of_a_jitted_step_is_split_by_class(tmp_path):
+  @jax.jit
+  def step(a, b):
+    scores = a @ b
+    values, _ = jax.lax.top_k(scores, 4)
+    return values.sum()
+  a = jax.random.normal(jax.random.PRNGKey(0), (128, 128))
+  b = jax.random.normal(jax.random.PRNGKey(1), (128, 4096))
+  prof = profile_ops.trace_ops(lambda: step(a, b), steps=2, log_dir=str(tmp_path),
+                               hlo_text=step.lower(a, b).compile().as_text())
+  classes = prof["ms_per_step"]
+  assert classes.get("matmul", 0) > 0 and classes.get("top-k / sort", 0) > 0
+  assert abs(sum(classes.values()) - prof["total_ms_per_step"]) < 1e-6
+  table = profile_ops.class_table({"step": prof})
+  assert "| matmul | " in table and "**all ops**" in table
