@@ -123,3 +123,17 @@ def test_same_parameter_tree_as_decoder():
       jax.random.PRNGKey(0), jnp.zeros((1,), jnp.int32), state)["params"]
   shapes = lambda t: jax.tree_util.tree_map(lambda x: tuple(x.shape), t)
   assert shapes(inc) == shapes(params)
+
+
+def test_decode_step_updates_the_state_in_place_without_copying_the_memory():
+  # Without donation every token copied the whole memory (keys and values) into
+  # the new state; the step must alias it instead.
+  config = CONFIG.replace(memory_size=4096)
+  params = init_params(config, jax.random.PRNGKey(0))
+  state = init_decode_state(config, 2, init_carried_state(config, 2))
+  stepper = Stepper(config, knn.make_backend(config))
+  compiled = stepper._step.lower(params, jnp.zeros((2,), jnp.int32), state).compile()
+  mem = state.carried.memory["layer_1"]
+  memory_bytes = mem.keys.nbytes + mem.values.nbytes
+  assert compiled.memory_analysis().alias_size_in_bytes >= memory_bytes
+  assert compiled.memory_analysis().temp_size_in_bytes < memory_bytes / 4

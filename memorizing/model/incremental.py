@@ -192,8 +192,8 @@ class IncrementalDecoder(nn.Module):
                      param_dtype=cfg.params_dtype, dtype=cfg.compute_dtype, name="embed")
     x = embed(tokens[:, None])                                       # [B,1,M]
     num_keys = length * (2 if cfg.use_xl_cache else 1)
-    bias = RelativePositionBias(cfg, name="relative_position_bias")(length, num_keys)
-    bias_row = jax.lax.dynamic_slice_in_dim(bias, position, 1, axis=1)   # [H,1,K]
+    bias_row = RelativePositionBias(cfg, name="relative_position_bias")(   # [H,1,K]: the
+        1, num_keys, query_start=num_keys - length + position)             # query's row only
     new_k, new_v = {}, {}
     for i in range(cfg.num_layers):
       name = layer_name(i)
@@ -250,8 +250,14 @@ class Stepper:
     self.config = config
     self.backend = backend
     model = IncrementalDecoder(config, backend)
-    self._step = jax.jit(lambda p, t, s: model.apply({"params": p}, t, s))
-    self._commit = jax.jit(functools.partial(commit, config, backend))
+
+    def decode_token(p, t, s):          # named: the profiler's module is jit_decode_token
+      return model.apply({"params": p}, t, s)
+    # The state is donated: without that, every token copied the whole memory
+    # (keys and values) from the old state into the new one, though only the
+    # current segment's caches change (memorizing/tools/profile_ops.py showed it).
+    self._step = jax.jit(decode_token, donate_argnums=2)
+    self._commit = jax.jit(functools.partial(commit, config, backend), donate_argnums=0)
 
   def commit(self, state: DecodeState) -> DecodeState:
     return self._commit(state)

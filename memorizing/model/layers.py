@@ -90,13 +90,16 @@ class RelativePositionBias(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, num_queries: int, num_keys: int) -> jax.Array:
-    """Returns [H, Q, K] for queries at the last Q of K consecutive positions."""
+  def __call__(self, num_queries: int, num_keys: int, query_start=None) -> jax.Array:
+    """Returns [H, Q, K] for queries at the last Q of K consecutive positions, or,
+    given `query_start` (an int, may be traced), at positions query_start ..
+    query_start + Q - 1 of the K (a decoder's one query per step)."""
     cfg = self.config
     table = self.param("rel_embedding", nn.initializers.normal(0.02),
                        (cfg.relative_position_buckets, cfg.num_heads), cfg.params_dtype)
     table = table.astype(jnp.float32)
-    q_pos = jnp.arange(num_queries) + (num_keys - num_queries)
+    start = num_keys - num_queries if query_start is None else query_start
+    q_pos = jnp.arange(num_queries) + start
     k_pos = jnp.arange(num_keys)
     buckets = relative_position_bucket(q_pos[:, None] - k_pos[None, :],
                                        cfg.relative_position_buckets,

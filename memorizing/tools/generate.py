@@ -107,8 +107,9 @@ class Generator:
 
   def __init__(self, config: ModelConfig, params, backend: Optional[KNNBackend]):
     self.config, self.params, self.backend = config, params, backend
-    self._segment = jax.jit(lambda p, t, st, s: Decoder(config, backend).apply(
-        {"params": p}, t, st, s))
+    def prompt_segment(p, t, st, s):     # named: the profiler's module is jit_prompt_segment
+      return Decoder(config, backend).apply({"params": p}, t, st, s)
+    self._segment = jax.jit(prompt_segment, donate_argnums=2)   # the carried state
     self._stepper = Stepper(config, backend)
 
     def choose(logits, key, temperature, top_k, top_p, greedy):

@@ -125,7 +125,8 @@ def _op_lines(profile) -> Iterable[Tuple[Any, bool]]:
 
 def read_trace(log_dir: str, steps: int, hlo_text: str = "") -> Dict[str, Any]:
   """{"ms_per_step": {class: ms}, "ops": [(ms per step, class, op name)] largest first,
-  "total_ms_per_step": device op time per step, "planes": plane names} from the newest
+  "total_ms_per_step": device op time per step, "modules": {jitted module: {class: ms
+  per step}}, "planes": plane names} from the newest
   trace under `log_dir`. `hlo_text`: the compiled module's text, to classify ops by
   what they compute (a fusion by the ops inside it)."""
   from jax.profiler import ProfileData
@@ -137,6 +138,7 @@ def read_trace(log_dir: str, steps: int, hlo_text: str = "") -> Dict[str, Any]:
   hlo = hlo_index(hlo_text) if hlo_text else {}
   by_class: Dict[str, float] = {}
   by_op: Dict[Tuple[str, str], float] = {}
+  by_module: Dict[str, Dict[str, float]] = {}
   for line, needs_hlo_op in _op_lines(profile):
     for event in line.events:
       if event.duration_ns <= 0 or (needs_hlo_op and _stat(event, "hlo_op") is None):
@@ -145,9 +147,13 @@ def read_trace(log_dir: str, steps: int, hlo_text: str = "") -> Dict[str, Any]:
       ms = event.duration_ns / 1e6 / steps
       by_class[cls] = by_class.get(cls, 0.0) + ms
       by_op[(cls, event.name)] = by_op.get((cls, event.name), 0.0) + ms
+      module = by_module.setdefault(str(_stat(event, "hlo_module") or "?"), {})
+      module[cls] = module.get(cls, 0.0) + ms
   ops = sorted(((ms, cls, name) for (cls, name), ms in by_op.items()), reverse=True)
   return {"ms_per_step": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
           "total_ms_per_step": sum(by_class.values()), "ops": ops[:25],
+          "modules": {m: dict(sorted(c.items(), key=lambda kv: -kv[1]))
+                      for m, c in by_module.items()},
           "planes": [p.name for p in profile.planes]}
 
 
