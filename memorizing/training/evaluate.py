@@ -90,8 +90,11 @@ def _evaluate(model_config, params, stream, tokenizer, max_segments, memory_sign
                disable=None if not os.environ.get("MEMORIZING_FORCE_BAR") else False,
                leave=False)
   carried = init_carried_state(model_config, batch_rows)
+  # The carried state (XL caches, memory) is donated: without that each segment
+  # wrote a whole new copy of the memory (as training already avoids).
   step = jax.jit(functools.partial(eval_step, model_config=model_config,
-                                   memory_signals=memory_signals, backend=backend))
+                                   memory_signals=memory_signals, backend=backend),
+                 donate_argnums=1)
   signal_sums = None
   offset = np.zeros((batch_rows,), np.int64)
   totals = np.zeros((len(POSITION_BUCKETS), 2), np.float64)
