@@ -505,7 +505,8 @@ def test_report_takes_xl_from_another_recipe_only_when_it_is_the_same_run(tmp_pa
     return {"dataset": "a", "tokenizer": "bytes", "seed": seed, "steps": 2500, "row": row,
             "eval": "memory", "perplexity": ppl, "bits_per_byte": 1.0, "commit": "c",
             "recipe": recipe, "row_config": row_config, "xl_config": xl_config}
-  records = [rec("base@1", "xl", 2.0, "X", "X"), rec("base@1", "mem8192", 1.9, "M", "X"),
+  records = [dict(rec("base@1", "xl", 2.0, "X", "X"), train_loss_tail=0.75),
+             dict(rec("base@1", "mem8192", 1.9, "M", "X"), train_loss_tail=0.70),
              rec("base@1", "xl", 2.0, "X", "X", seed=1),
              rec("variant@2", "mem8192", 1.8, "M3", "X"),        # same XL run: compared
              rec("variant@2", "mem8192", 1.5, "M3", "Y", seed=1)]  # another XL: not compared
@@ -513,9 +514,19 @@ def test_report_takes_xl_from_another_recipe_only_when_it_is_the_same_run(tmp_pa
   assert set(got) == {("base@1", 0), ("variant@2", 0)}
   assert abs(got[("variant@2", 0)]["gain"] - 0.1) < 1e-9
   assert got[("variant@2", 0)]["xl_recipe"] == "base@1" and "xl_recipe" not in got[("base@1", 0)]
+  assert abs(got[("base@1", 0)]["train_gap"] + 0.05) < 1e-9 and "train_gap" not in got[
+      ("variant@2", 0)]
+  assert "| +5.0% | -0.050 |" in table4_report.render(records, "base@1")
   text = table4_report.render(records, "variant@2")
   assert "| 0 | xl (the same run: base@1) | 2.0000 |" in text
   assert "| 0 | mem8192 | 1.8000 |  |  | -10.0% |" in text
+
+
+def test_train_loss_tail_is_the_mean_over_the_last_36_percent_of_steps():
+  log = [{"step": s, "loss": float(s >= 1700)} for s in range(100, 2600, 100)]
+  # Steps 1600-2500 are the tail; 1700-2500 have loss 1, 1600 has 0.
+  assert abs(protocol.train_loss_tail(log) - 0.9) < 1e-12
+  assert protocol.train_loss_tail([]) is None
 
 
 def test_sweep_warns_when_a_binding_makes_two_rows_the_same_run(tmp_path, monkeypatch, capsys):

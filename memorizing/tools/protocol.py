@@ -210,8 +210,9 @@ def summary_records(jobs: Sequence[Any], facts: Dict[str, Any], commit: str, rec
                     load: Callable[[Any], Optional[dict]] = _read_output,
                     rows: Optional[Dict[str, str]] = None) -> List[Dict[str, Any]]:
   """One record per finished (row, evaluation) of `jobs` (memorizing.tools.sweep.Job).
-  `load(job)`: the job's results JSON ({"results", "checkpoint_step"}) or None;
-  by default its output file. `rows`: row_configs of the recipe; a record then
+  `load(job)`: the job's results JSON ({"results", "checkpoint_step"}, and its
+  "train_log" where known: the record then has "train_loss_tail") or None; by
+  default its output file. `rows`: row_configs of the recipe; a record then
   carries its row's hash ("row_config") and the recipe's XL row's ("xl_config")."""
   rows = rows or {}
   out = []
@@ -232,11 +233,28 @@ def summary_records(jobs: Sequence[Any], facts: Dict[str, Any], commit: str, rec
       for field, name in (("row_config", row), ("xl_config", "xl")):
         if name in rows:
           rec[field] = rows[name]
+      tail = train_loss_tail(res.get("train_log") or []) if job.kind == "train" else None
+      if tail is not None:
+        rec["train_loss_tail"] = tail
       memory = memory_summary(result)
       if memory:
         rec["memory"] = memory
       out.append(rec)
   return out
+
+
+TAIL = 0.36      # the last 36% of the logged steps (1600-2500 of 2500)
+
+
+def train_loss_tail(log: Sequence[Dict[str, Any]]) -> Optional[float]:
+  """Mean training loss over the last TAIL of a run's logged steps (None without a
+  log). Rows of one seed see the same batches, so the difference between two rows'
+  tails shows whether the memory got ahead in training ("took off")."""
+  if not log:
+    return None
+  last = max(r["step"] for r in log)
+  tail = [r["loss"] for r in log if r["step"] >= (1.0 - TAIL) * last]
+  return sum(tail) / len(tail) if tail else None
 
 
 def merge_summary(path: str, records: Sequence[Dict[str, Any]]) -> int:

@@ -500,6 +500,14 @@ def job_record(job: Job, status: str, extra: Dict[str, Any]) -> Dict[str, Any]:
   return rec
 
 
+def _with_train_log(job: Job) -> Optional[dict]:
+  """A job's results with its training log (for the summary's train_loss_tail)."""
+  res = _read(job.output)
+  if res is not None and job.kind == "train":
+    res = dict(res, train_log=train_log(job.workdir))
+  return res
+
+
 def summary_from_results(data: Dict[str, Any]) -> List[Dict[str, Any]]:
   """The summary records of a sweep_results.json (`data`): the same records that
   `--summary` writes, rebuilt from the results the file holds, for a call whose
@@ -722,8 +730,8 @@ def main(argv: Sequence[str]) -> int:
 
   def write_summary():
     if summary:
-      protocol.merge_summary(summary, protocol.summary_records(jobs, facts, commit, recipe,
-                                                               rows=row_configs))
+      protocol.merge_summary(summary, protocol.summary_records(
+          jobs, facts, commit, recipe, load=_with_train_log, rows=row_configs))
 
   sweep_spec = {"gin_file": base_files, "gin_param": base_params, "grid": grid,
                 "seeds": seeds, "rows": spec["rows"], "evals": spec["evals"],

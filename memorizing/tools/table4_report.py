@@ -7,6 +7,9 @@ record in the file counts (records are appended in the order they were merged).
 A recipe that changes only memory rows has the XL row of another: records carry a
 hash of their row's definition (row_config) and of their recipe's XL row
 (xl_config), and the XL record of another recipe with the same hash stands in.
+Where records carry train_loss_tail (the mean training loss over the last 36% of
+steps), the gains table shows XL + 8K's minus XL's: negative when the memory got
+ahead in training on the same batches.
 """
 from __future__ import annotations
 
@@ -60,6 +63,8 @@ def gains(records: Sequence[Dict[str, Any]], recipe: Optional[str] = None
            "gain": 1.0 - mem["perplexity"] / xl["perplexity"]}
       if xl["recipe"] != rec:
         g["xl_recipe"] = xl["recipe"]
+      if mem.get("train_loss_tail") is not None and xl.get("train_loss_tail") is not None:
+        g["train_gap"] = mem["train_loss_tail"] - xl["train_loss_tail"]
       out.append(g)
   return sorted(out, key=lambda g: (g["recipe"], g["steps"], g["tokenizer"], g["dataset"],
                                     g["seed"]))
@@ -121,11 +126,13 @@ def render(records: Sequence[Dict[str, Any]], recipe: Optional[str] = None) -> s
   rows = gains(records, recipe)
   if rows:
     lines += ["### XL + 8K against XL", "",
-              "| recipe | steps | tokenizer | data set | seed | XL | XL + 8K | gain (1 - XL+8K/XL) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| recipe | steps | tokenizer | data set | seed | XL | XL + 8K | gain (1 - XL+8K/XL) "
+              "| train loss, XL + 8K - XL (last 36% of steps) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {g['recipe']} | {g['steps']} | {g['tokenizer']} | {g['dataset']} | {g['seed']} | "
               f"{g['xl']:.4f}{' (' + g['xl_recipe'] + ')' if 'xl_recipe' in g else ''} | "
-              f"{g['mem8192']:.4f} | {100 * g['gain']:+.1f}% |" for g in rows]
+              f"{g['mem8192']:.4f} | {100 * g['gain']:+.1f}% | "
+              f"{format(g['train_gap'], '+.3f') if 'train_gap' in g else ''} |" for g in rows]
     lines.append("")
   for (rec, steps, tok), members in _by_recipe(rows).items():
     t = target(members)
