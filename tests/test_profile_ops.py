@@ -54,3 +54,14 @@ def test_cpu_trace_of_a_jitted_step_is_split_by_class(tmp_path):
   assert abs(sum(classes.values()) - prof["total_ms_per_step"]) < 1e-6
   table = profile_ops.class_table({"step": prof})
   assert "| matmul | " in table and "**all ops**" in table
+
+
+def test_gpu_event_is_classed_by_its_long_name_without_operand_names():
+  from types import SimpleNamespace
+  gemm = SimpleNamespace(name="custom-call.7", stats=[(
+      "long_name", '%custom-call.7 = bf16[8,8]{1,0} custom-call(%sort.2, %p1), '
+      'custom_call_target="__cublas$gemm", metadata={op_name="jit(f)/sort"}')])
+  slice_of_sort = SimpleNamespace(name="slice.4", stats=[(
+      "long_name", "%slice.4 = f32[4]{0} slice(%sort.2), slice={[0:4]}")])
+  assert profile_ops.classify(profile_ops._event_text(gemm, {})) == "matmul"
+  assert profile_ops.classify(profile_ops._event_text(slice_of_sort, {})) == profile_ops.OTHER

@@ -98,10 +98,10 @@ def _stat(event, key: str):
 
 def _event_text(event, hlo: Dict[str, str]) -> str:
   parts = [event.name]
-  for key in ("hlo_op", "long_name", "hlo_category", "kernel_details"):
+  for key in ("hlo_op", "long_name", "hlo_category"):
     value = _stat(event, key)
-    if isinstance(value, str):
-      parts.append(value)
+    if isinstance(value, str):            # long_name: the HLO line, operands dropped
+      parts.append(_opcodes(value) if key == "long_name" else value)
   op = _stat(event, "hlo_op") or event.name
   parts.append(hlo.get(str(op), ""))
   return " ".join(parts)
