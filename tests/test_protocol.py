@@ -76,7 +76,7 @@ def test_memory_layer_variant_keeps_the_xl_rows_run(tmp_path, capsys):
   def rows(*params):
     jobs = sweep.plan(str(tmp_path), spec["gin_file"], list(params), {}, [0], spec["rows"],
                       spec["evals"])
-    return protocol.recipe_id(spec["gin_file"], jobs, 2500), protocol.row_configs(jobs, 2500)
+    return protocol.recipe_and_rows(spec["gin_file"], jobs, 2500)
   recipe, base = rows()
   variant_recipe, variant = rows("MEMORY_LAYERS = (-3,)")
   assert variant_recipe != recipe
@@ -542,6 +542,17 @@ def test_sweep_warns_when_a_binding_makes_two_rows_the_same_run(tmp_path, monkey
 
 def test_report_of_a_file_that_is_not_a_summary_is_one_line(tmp_path):
   bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps([{"dataset": "a"}]))
+  out = str(tmp_path / "out.json")
+  for text, match in (("not json", "cannot read"), ("[1, 2]", "neither a list of summary"),
+                      (json.dumps([{"dataset": "a"}]), "neither a list of summary"),
+                      (json.dumps({"a": 1}), "not a sweep_results.json")):
+    bad.write_text(text)
+    with pytest.raises((UsageError, SweepError), match=match):
+      table4.main(["--merge", str(bad), "--summary", out])
+  with pytest.raises(UsageError, match="cannot read"):
+    table4.main(["--merge", str(tmp_path / "missing.json"), "--summary", out])
+  assert not os.path.exists(out)
   bad.write_text(json.dumps([{"dataset": "a"}]))
   with pytest.raises(UsageError, match="not a list of summary records"):
     table4.main(["--report", "--summary", str(bad)])

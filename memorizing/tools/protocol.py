@@ -99,19 +99,23 @@ def _digest(obj: Any) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def recipe_id(base_files: Sequence[str], jobs: Sequence[Any], steps: int) -> str:
-  """'<protocol gin file>@<10 hex digits>': a hash of every row's definition
-  (`_recipe_runs`: resolved configs, fine-tune sources, extra evaluations), so
-  that a change anywhere in the recipe's files changes it."""
+def recipe_and_rows(base_files: Sequence[str], jobs: Sequence[Any], steps: int
+                    ) -> Tuple[str, Dict[str, str]]:
+  """(recipe id, row configs), from one parse of every row:
+  recipe id: '<protocol gin file>@<10 hex digits>', a hash of every row's
+  definition (`_recipe_runs`: resolved configs, fine-tune sources, extra
+  evaluations), so that a change anywhere in the recipe's files changes it;
+  row configs: {row: 10 hex digits}, a hash of each row's own definition. Two
+  recipes that differ only in their memory rows give their XL row the same hash,
+  so the report can compare a variant's XL + 8K with an XL trained under another."""
+  runs = _recipe_runs(jobs, steps)
   name = os.path.basename(base_files[-1]) if base_files else "command-line"
-  return f"{name}@{_digest(_recipe_runs(jobs, steps))}"
+  return f"{name}@{_digest(runs)}", {row: _digest(run) for row, run in runs.items()}
 
 
-def row_configs(jobs: Sequence[Any], steps: int) -> Dict[str, str]:
-  """{row: 10 hex digits}: a hash of each row's own definition. Two recipes that
-  differ only in their memory rows give their XL row the same hash, so the report
-  can compare a variant's XL + 8K with an XL trained under another recipe."""
-  return {row: _digest(run) for row, run in _recipe_runs(jobs, steps).items()}
+def recipe_id(base_files: Sequence[str], jobs: Sequence[Any], steps: int) -> str:
+  """The recipe id of `recipe_and_rows`."""
+  return recipe_and_rows(base_files, jobs, steps)[0]
 
 
 def tokenizer_name(tokenizer: str) -> str:

@@ -526,8 +526,9 @@ def summary_from_results(data: Dict[str, Any]) -> List[Dict[str, Any]]:
              "steps": train_config.num_steps, "seed": train_config.seed}
   facts = dict(facts, dataset=spec.get("summary_dataset") or facts.get("dataset"))
   rows = spec.get("row_configs")
-  if rows is None and protocol.recipe_id(spec["gin_file"], jobs, facts["steps"]) == recipe:
-    rows = protocol.row_configs(jobs, facts["steps"])   # the recipe is the same here
+  if rows is None:                 # older files: only where the recipe is the same here
+    here, here_rows = protocol.recipe_and_rows(spec["gin_file"], jobs, facts["steps"])
+    rows = here_rows if here == recipe else None
   return protocol.summary_records(jobs, facts, commit, recipe,
                                   load=lambda job: done.get(job.name), rows=rows)
 
@@ -706,8 +707,8 @@ def main(argv: Sequence[str]) -> int:
     os.environ.update(job_env(args))      # read when this process starts its jax backend
   os.makedirs(sweep_dir, exist_ok=True)
   corpus_params, facts = protocol.prepare_corpus(base_files, base_params, sweep_dir, args.source)
-  recipe = protocol.recipe_id(base_files, jobs, facts["steps"])   # before the corpus's bindings
-  row_configs = protocol.row_configs(jobs, facts["steps"])
+  # Before the corpus's bindings:
+  recipe, row_configs = protocol.recipe_and_rows(base_files, jobs, facts["steps"])
   same: Dict[str, List[str]] = {}
   for row, digest in row_configs.items():
     same.setdefault(digest, []).append(row)

@@ -112,10 +112,17 @@ def main(argv: Sequence[str]) -> int:
     return 0
   if args.merge:
     for path in args.merge:
-      with open(path) as f:
-        records = json.load(f)
+      try:
+        with open(path) as f:
+          records = json.load(f)
+      except (OSError, ValueError) as e:
+        raise UsageError(f"--merge: cannot read {path}: {e}") from e
       if isinstance(records, dict):       # a sweep_results.json: rebuild its records
         records = sweep.summary_from_results(records)
+      if not isinstance(records, list) or not all(
+          isinstance(r, dict) and all(k in r for k in protocol.KEY) for r in records):
+        raise UsageError(f"--merge: {path} is neither a list of summary records nor a "
+                         "sweep_results.json (memorizing-table4 and memorizing-sweep write them)")
       total = protocol.merge_summary(args.summary, records)
       print(f"merged {len(records)} records of {path} into {args.summary} ({total} records)")
     return 0
