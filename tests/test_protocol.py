@@ -78,7 +78,7 @@ def test_memory_layer_variant_keeps_the_xl_rows_run(tmp_path, capsys):
                       spec["evals"])
     return protocol.recipe_and_rows(spec["gin_file"], jobs, 2500)
   recipe, base = rows()
-  variant_recipe, variant = rows("MEMORY_LAYERS = (-3,)")
+  variant_recipe, variant = rows("MEMORY_LAYERS = (-2,)")
   assert variant_recipe != recipe
   assert variant["xl"] == base["xl"] and variant["no_xl"] == base["no_xl"]
   assert variant["mem8192"] != base["mem8192"] and variant["mem8192"] != variant["xl"]
@@ -313,8 +313,8 @@ def test_source_is_prepared_once_and_names_the_dataset(tmp_path, monkeypatch, ca
 
 
 TINY_PROTOCOL = [
-    "ModelConfig.num_layers = 2", "ModelConfig.d_model = 32", "ModelConfig.num_heads = 2",
-    "ModelConfig.head_dim = 16", "ModelConfig.mlp_dim = 64", "ModelConfig.segment_length = 32",
+    "ModelConfig.num_layers = 2", "MEMORY_LAYERS = (-1,)", "ModelConfig.d_model = 32",
+    "ModelConfig.num_heads = 2", "ModelConfig.head_dim = 16", "ModelConfig.mlp_dim = 64", "ModelConfig.segment_length = 32",
     "ModelConfig.num_neighbors = 8", "ModelConfig.knn_backend = 'exact'",
     "ModelConfig.knn_options = ()", "TrainConfig.batch_size = 2", "TrainConfig.eval_batch_size = 2",
     "TrainConfig.num_steps = 3", "TrainConfig.log_every = 1", "TrainConfig.prefetch = 0",
@@ -536,7 +536,7 @@ def test_sweep_warns_when_a_binding_makes_two_rows_the_same_run(tmp_path, monkey
   assert "warning: rows xl, mem8192 resolve to the same run" in out
   assert "warning: rows finetune_mem8192, finetune_control resolve to the same run" in out
   assert run_protocol(tmp_path, FakeRuns(sleep=0), monkeypatch, "--only", "xl",
-                      "--gin_param", "MEMORY_LAYERS = (-3,)") == 0
+                      "--gin_param", "MEMORY_LAYERS = (-2,)") == 0
   assert "warning" not in capsys.readouterr().out
 
 
