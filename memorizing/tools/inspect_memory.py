@@ -207,7 +207,8 @@ def plots(report: Dict) -> Dict[str, bytes]:
   smooth = np.convolve(diff, np.ones(w) / w, mode="valid") if len(diff) >= w else diff
   ax.plot(np.arange(len(smooth)) + w // 2 + 1, smooth, lw=0.8)
   ax.axhline(0, color="k", lw=0.5)
-  ax.set_xlabel("target position"), ax.set_ylabel(f"loss: memory - disabled ({w}-token mean)")
+  ax.set_xlabel("target position"), ax.set_ylabel("loss: memory - disabled")
+  ax.set_title(f"Loss with memory minus memory disabled ({w}-token running mean)", fontsize=9)
   fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=100)
