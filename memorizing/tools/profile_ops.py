@@ -27,7 +27,9 @@ import jax
 # (class, substrings of the lowercased op name + HLO text), first match wins.
 CLASSES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("attention (cuDNN / flash)", ("fmha", "flash", "cudnn$")),
-    ("Pallas / Triton kernel", ("pallas", "mosaic", "__gpu$xla.gpu.triton")),
+    # On a GPU a Pallas kernel's events carry its Python function's name: the
+    # project's kernels are named *_kernel in memorizing/knn/pallas_buckets.py.
+    ("Pallas / Triton kernel", ("pallas", "mosaic", "__gpu$xla.gpu.triton", "_bucket_kernel")),
     ("matmul", ("gemm", "cublas", "matmul", "dot", "convolution", "nvjet", "xmma", "cutlass")),
     ("top-k / sort", ("topk", "top_k", "top-k", "sort", "approx")),
     ("memory write (scatter / dynamic-update-slice)", ("scatter", "dynamic-update-slice",
