@@ -522,6 +522,33 @@ def test_report_takes_xl_from_another_recipe_only_when_it_is_the_same_run(tmp_pa
   assert "| 0 | mem8192 | 1.8000 |  |  | -10.0% |" in text
 
 
+def test_report_checks_the_other_targets_where_their_rows_ran():
+  def rec(ds, seed, row, ppl, ev="memory", recipe="r@1"):
+    return {"dataset": ds, "tokenizer": "bytes", "seed": seed, "steps": 2500, "row": row,
+            "eval": ev, "perplexity": ppl, "bits_per_byte": 1.0, "commit": "c", "recipe": recipe}
+  records = [rec("a", 0, "xl", 2.0), rec("a", 0, "mem8192", 1.9), rec("a", 1, "mem8192", 1.9),
+             rec("a", 0, "mem65536", 1.8), rec("a", 1, "mem65536", 1.95),   # worse at seed 1
+             rec("a", 0, "mem8192", 1.85, "memory65536"), rec("b", 0, "mem8192", 2.5),
+             rec("b", 0, "mem8192", 2.5, "memory65536"),                   # equal: no worse
+             rec("a", 0, "finetune_mem8192", 1.7), rec("a", 0, "finetune_control", 1.8),
+             rec("b", 0, "finetune_mem8192", 2.2), rec("b", 0, "finetune_control", 2.2)]
+  big, wide, tune = table4_report.secondary_targets(records)[("r@1", 2500, "bytes")]
+  assert not big["holds"] and "a seed 1 1.9500 vs 1.9000" in big["why"]
+  assert len(big["pairs"]) == 2
+  # No worse on both data sets, but better only on one: the ">= 2 data sets" part fails.
+  assert not wide["holds"] and "better (mean over seeds) on 1 data set(s): a" in wide["why"]
+  assert not tune["holds"] and "b seed 0 2.2000 vs 2.2000" in tune["why"]   # a tie does not beat
+  better = records + [rec("b", 0, "mem8192", 2.4, "memory65536")]
+  assert [c["holds"] for c in table4_report.secondary_targets(better)[("r@1", 2500, "bytes")]
+          ][1] is True
+  text = table4_report.render(records, "r@1")
+  assert "- XL + 65K no worse than XL + 8K: **does not hold** (2 pairs: a seed 1" in text
+  none = table4_report.secondary_targets([rec("a", 0, "xl", 2.0), rec("a", 0, "mem8192", 1.9)])
+  assert [c["holds"] for c in none[("r@1", 2500, "bytes")]] == [None, None, None]
+  assert "- fine-tune with an added 8K memory beats its control: not run." in (
+      table4_report.render([rec("a", 0, "xl", 2.0), rec("a", 0, "mem8192", 1.9)]))
+
+
 def test_train_loss_tail_is_the_mean_over_the_last_36_percent_of_steps():
   log = [{"step": s, "loss": float(s >= 1700)} for s in range(100, 2600, 100)]
   # Steps 1600-2500 are the tail; 1700-2500 have loss 1, 1600 has 0.
