@@ -25,8 +25,8 @@ from memorizing.data import pipeline, registry, tokenizers
 from memorizing.errors import TrainingError
 from memorizing.model.config import TrainConfig
 from memorizing.training.train import check_fits_in_device_memory
-from tests.test_resume import (NUM_STEPS, TINY, env, restore_all, run, start, steps_of,  # noqa: F401
-                               train_cmd)
+from tests.test_resume import (BIN, NUM_STEPS, TINY, env, restore_all, run, start,  # noqa: F401
+                               steps_of, train_cmd)
 
 # adamw + cosine warmup of 50 steps: step 0 has learning rate 0, step 1 moves every
 # parameter by about 1e36 / 50, and from step 2 on the loss and gradient overflow.
@@ -211,6 +211,12 @@ def test_eval_of_a_damaged_checkpoint_is_an_error_not_a_nan(env, data_env, capsy
   rc = cli.eval_main(["--workdir", str(tmp_path)])
   err = _one_clear_error(rc, capsys.readouterr().err, f"checkpoint {NUM_STEPS} in")
   assert "is corrupt" in err or "is unreadable" in err, err
+  # As a command, to its exit: the reads orbax left in flight print nothing after the
+  # error line (they printed "RuntimeError: Event loop is closed" tracebacks).
+  p = subprocess.run([os.path.join(BIN, "memorizing-eval"), "--workdir", str(tmp_path)],
+                     env=env, capture_output=True, text=True, timeout=300)
+  _one_clear_error(p.returncode, p.stderr, f"checkpoint {NUM_STEPS} in")
+  assert "See full TensorStore details" not in p.stderr, p.stderr
 
 
 def test_a_second_training_in_a_running_workdir_is_one_line(env, data_env, capsys, tmp_path):

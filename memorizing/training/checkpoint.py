@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import zlib
 from typing import Any, Callable, Optional, Tuple
 
@@ -330,6 +331,40 @@ def load_params(path: str, step: Optional[int] = None):
     return _load_params(manager, directory, step)
 
 
+def _orbax_read_error(e: Exception) -> str:
+  """One line for a failed array read: the exception's first line without the
+  TensorStore spec that orbax appends to it."""
+  text = str(e).splitlines()[0] if str(e) else ""
+  text = text.split(" See full TensorStore details")[0].rstrip(". ")
+  return f"{type(e).__name__}: {text[:200]}"
+
+
+_QUIET_INSTALLED = False
+
+
+def quiet_orphaned_reads() -> None:
+  """After a restore that failed part-way, the array reads still in flight finish
+  on TensorStore's threads and try to wake an event loop that orbax has already
+  closed ("RuntimeError: Event loop is closed", or an orbax read coroutine closed
+  at garbage collection): Python prints each as a traceback, long after the one
+  error line. Drop those two kinds of unraisable exception, and only those."""
+  global _QUIET_INSTALLED
+  if _QUIET_INSTALLED:
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    exc, obj = unraisable.exc_value, unraisable.object
+    closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+    code = getattr(obj, "cr_code", None)
+    orbax_coroutine = code is not None and "orbax" in code.co_filename
+    if not (closed_loop or orbax_coroutine):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  _QUIET_INSTALLED = True
+
+
 def _load_params(manager, directory: str, step: Optional[int]):
   if step is not None and step not in manager.all_steps():
     raise CheckpointError(f"no checkpoint at step {step} in {directory}; it holds steps "
@@ -351,8 +386,12 @@ def _load_params(manager, directory: str, step: Optional[int]):
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   except Exception as e:  # noqa: BLE001 - orbax raises many kinds for damaged files
-    raise CheckpointError(f"checkpoint {step} in {directory} is unreadable: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+    quiet_orphaned_reads()
+    others = [s for s in sorted(manager.all_steps()) if s != step]
+    hint = (f"; other checkpoints: {', '.join(map(str, others))} (--checkpoint_step N)"
+            if others else "")
+    raise CheckpointError(f"checkpoint {step} in {directory} is unreadable (damaged files): "
+                          f"{_orbax_read_error(e)}{hint}") from e
   # As numpy (the docstring's promise), not pinned to that device: the caller
   # places them (replicated over a mesh, or wherever jit puts them).
   params = jax.device_get(restored["state"]["params"])
@@ -418,8 +457,9 @@ def resume(manager: CheckpointManager, abstract_state, shardings,
     except CheckpointError:
       raise
     except Exception as e:  # noqa: BLE001 - unreadable: try the previous one
+      quiet_orphaned_reads()
       print(f"[memorizing] checkpoint {step} in {manager.directory} is unreadable "
-            f"({type(e).__name__}: {str(e)[:200]}); trying the previous one", flush=True)
+            f"({_orbax_read_error(e)}); trying the previous one", flush=True)
       unreadable.append(step)
       continue
     for bad in unreadable:  # a later save of that step must not collide with it
