@@ -98,7 +98,8 @@ class ModelConfig:
   # match content, so what its queries and keys learn locally serves the lookup
   # in memory. With it on, the memory lost to Transformer-XL in two of three
   # runs on two corpora; off, it won in 11 of 12 (corpus, seed) pairs on four
-  # corpora (docs/memory_diagnosis.md).
+  # corpora, and in all 12 with the memory layer one lower (-3 of 6, the Table-4
+  # protocol's default; docs/memory_diagnosis.md).
   memory_layer_position_bias: bool = False
   memory_bias_init: float = 0.0
   knn_backend: str = "exact"
