@@ -30,6 +30,8 @@ Usage:
   PYTHONPATH=. python scripts/benchmark_step.py --preset paper --batch 32 \
       --json docs/results/step_h200.json                     # one H200
   PYTHONPATH=. python scripts/benchmark_step.py --preset tiny  # CPU, seconds
+  ... --tokens zipf --model_options '{"gather_gradient": "scatter"}'
+      # text-like ids, and XLA's scatter-add for the lookups' gradients
 Runs are taken in priority order until --budget_s is spent; later ones are
 listed as skipped.
 """
@@ -92,6 +94,8 @@ def base_config(args) -> ModelConfig:
   for name in ("num_layers", "d_model", "segment_length", "num_neighbors"):
     if getattr(args, name):
       over[name] = getattr(args, name)
+  if args.model_options:
+    over.update(json.loads(args.model_options))
   return cfg.replace(**over) if over else cfg
 
 
@@ -172,13 +176,27 @@ def filled_carried(cfg: ModelConfig, batch: int, seed: int):
   return fill(state, jax.random.PRNGKey(seed))
 
 
-def synthetic_batches(cfg: ModelConfig, batch: int, n: int):
+def synthetic_ids(key, shape, vocab_size: int, kind: str) -> jax.Array:
+  """Token ids [shape] int32: "uniform" over the vocabulary; "zipf", id i with
+  probability proportional to 1 / (i + 1), as word frequencies in text (the most
+  frequent id about 1 in 10 at 32K ids, 1 in 6 at 256); "constant", all id 0."""
+  if kind == "uniform":
+    return jax.random.randint(key, shape, 0, vocab_size, jnp.int32)
+  if kind == "zipf":
+    logits = -jnp.log(jnp.arange(1, vocab_size + 1, dtype=jnp.float32))
+    return jax.random.categorical(key, logits, shape=shape).astype(jnp.int32)
+  if kind == "constant":
+    return jnp.zeros(shape, jnp.int32)
+  raise ValueError(f"--tokens {kind!r}: choose uniform, zipf or constant")
+
+
+def synthetic_batches(cfg: ModelConfig, batch: int, n: int, tokens: str = "uniform"):
   out = []
   for i in range(n):
     r1, r2 = jax.random.split(jax.random.PRNGKey(100 + i))
     shape = (batch, cfg.segment_length)
-    out.append({"tokens": jax.random.randint(r1, shape, 0, cfg.vocab_size, jnp.int32),
-                "targets": jax.random.randint(r2, shape, 0, cfg.vocab_size, jnp.int32),
+    out.append({"tokens": synthetic_ids(r1, shape, cfg.vocab_size, tokens),
+                "targets": synthetic_ids(r2, shape, cfg.vocab_size, tokens),
                 "weights": jnp.ones(shape, jnp.float32),
                 "start_of_document": jnp.zeros((batch,), bool)})
   return jax.block_until_ready(out)
@@ -238,7 +256,7 @@ def run_one(run, args, params_cache, train_mod):
     # outside the model, so the host copy is rebuilt from it first.
     for i in cfg.memory_layer_set:
       backend.sync(layer=i, train=True, memory=state.carried.memory[layer_name(i)])
-  batches = synthetic_batches(cfg, batch, 4)
+  batches = synthetic_batches(cfg, batch, 4, args.tokens)
   rng = jax.random.PRNGKey(1)
   fn = jax.jit(functools.partial(train_step, model_config=cfg, optimizer=optimizer,
                                  skip_nonfinite=False, backend=backend), donate_argnums=0)
@@ -381,6 +399,12 @@ def main(argv=None):
                       "that works is used for the memory runs")
   p.add_argument("--extra_baselines", default="",
                  help="extra baseline runs at the end, dtype:attention, e.g. float32:einsum")
+  p.add_argument("--tokens", choices=("uniform", "zipf", "constant"), default="uniform",
+                 help="synthetic token ids: uniform (default), zipf (text-like frequencies) "
+                      "or constant; a lookup's scatter gradient on a GPU is slower the more "
+                      "ids repeat (ModelConfig.gather_gradient)")
+  p.add_argument("--model_options", default="",
+                 help='JSON ModelConfig overrides for every run, e.g. {"gather_gradient": "scatter"}')
   p.add_argument("--steps", type=int, default=10, help="steps per timing window")
   p.add_argument("--windows", type=int, default=3)
   p.add_argument("--window_s", type=float, default=2.0,
@@ -466,7 +490,8 @@ def main(argv=None):
                    python=platform.python_version()),
       preset=args.preset, model=dict((k, v) for k, v in vars(cfg).items()
                                      if k not in ("knn_options",)),
-      batch=args.batch, steps=args.steps, windows=args.windows, warmup=args.warmup,
+      batch=args.batch, tokens=args.tokens, steps=args.steps, windows=args.windows,
+      warmup=args.warmup,
       command=" ".join(sys.argv), init_params_s=params_cache.get("init_s"),
       total_s=time.perf_counter() - t_start, attention_checks=checks,
       flops_note=("model 6*params*tokens; attention 12*B*H*D*(L*C + L(L+1)/2) per layer; "

@@ -74,6 +74,13 @@ class ModelConfig:
   # Local attention kernel: "auto" (cuDNN flash attention on GPU in bf16/fp16, else
   # einsum), "einsum", "remat", "cudnn", "xla" (memorizing/model/layers.py).
   attention: str = "auto"
+  # Gradient of the table lookups (token embedding, position-bias table):
+  # "one_hot" (a one-hot matmul: no atomics, deterministic, its cost independent
+  # of the tokens), "scatter" (XLA's scatter-add: on a GPU, repeated ids contend,
+  # so a step on real text is 2-8x a step on uniform random ids), "auto"
+  # (one_hot where the one-hot matrix has at most 2**26 entries). The same
+  # gradient either way, up to summation order: not part of a recipe.
+  gather_gradient: str = "auto"
   # Initial value of the learned per-head scale on normalised q.k logits.
   logit_scale_init: float = 0.0   # 0 means sqrt(head_dim)
   # kNN memory. Layer indices may be negative (-4 is the 9th of 12).
@@ -131,6 +138,9 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
         raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r}; choose one of {sorted(_DTYPES)}")
+    if self.gather_gradient not in ("auto", "one_hot", "scatter"):
+      raise ConfigError(f"ModelConfig.gather_gradient={self.gather_gradient!r}; choose one of "
+                        "auto, one_hot, scatter")
     if self.attention not in ("auto", "einsum", "remat", "cudnn", "xla"):
       raise ConfigError(f"ModelConfig.attention={self.attention!r}; choose one of "
                         "auto, einsum, remat, cudnn, xla")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from memorizing.knn_api import KNNBackend
 from memorizing.model import memory as memory_lib
 from memorizing.model.config import ModelConfig
-from memorizing.model.layers import MLP, RelativePositionBias, XLCache, init_xl_cache
+from memorizing.model.layers import MLP, RelativePositionBias, XLCache, init_xl_cache, take_rows
 from memorizing.model.memory_attention import Attention
 
 
@@ -93,7 +93,8 @@ class Decoder(nn.Module):
     start = start_of_document.astype(bool)
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(1.0),
                      param_dtype=cfg.params_dtype, dtype=cfg.compute_dtype, name="embed")
-    x = embed(tokens)
+    # embed(tokens), with the lookup's gradient chosen by ModelConfig.gather_gradient
+    x = take_rows(embed.embedding.astype(cfg.compute_dtype), tokens, cfg.gather_gradient)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     num_keys = length * (2 if cfg.use_xl_cache else 1)
     bias = RelativePositionBias(cfg, name="relative_position_bias")(length, num_keys)

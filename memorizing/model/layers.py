@@ -65,6 +65,56 @@ def init_xl_cache(config: ModelConfig, batch: int) -> XLCache:
                  values=jnp.zeros(shape, config.compute_dtype), valid=jnp.zeros((batch,), bool))
 
 
+# --- table lookups ----------------------------------------------------------------------
+# The one-hot gradient is used where its [N, V] one-hot matrix has at most this
+# many entries (ModelConfig.gather_gradient = "auto"): the byte and 8K-piece
+# vocabularies at the batch sizes used here, and the position-bias table.
+ONE_HOT_GRADIENT_MAX_ENTRIES = 1 << 26
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _take_one_hot_grad(table: jax.Array, ids: jax.Array, num_rows: int) -> jax.Array:
+  return jnp.take(table, ids, axis=0)
+
+
+def _take_fwd(table, ids, num_rows):
+  return jnp.take(table, ids, axis=0), ids
+
+
+def _take_bwd(num_rows, ids, g):
+  flat = ids.reshape(-1)
+  g2 = g.reshape(flat.shape[0], -1)                                   # [N, F]
+  one_hot = (flat[:, None] == jnp.arange(num_rows, dtype=flat.dtype)[None, :]).astype(g.dtype)
+  grad = jax.lax.dot_general(one_hot, g2, (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)      # [V, F]
+  return grad.reshape((num_rows,) + g.shape[ids.ndim:]).astype(g.dtype), None
+
+
+_take_one_hot_grad.defvjp(_take_fwd, _take_bwd)
+
+
+def take_rows(table: jax.Array, ids: jax.Array, gradient: str = "auto") -> jax.Array:
+  """table[ids]: [V, ...] rows gathered by integer `ids` [...] -> [*ids.shape, ...].
+
+  The forward is `jnp.take`. Its gradient with respect to `table` is a sum over
+  the positions of each id: XLA computes it as a scatter-add, whose atomic adds
+  serialise on a GPU when ids repeat (text: spaces, newlines, frequent words),
+  so the step's time depends on the data. `gradient="one_hot"` computes the same
+  sum as one_hot(ids)^T @ g, a matmul with float32 accumulation whose cost does
+  not depend on the ids (and which is deterministic); "auto" takes it while the
+  one-hot matrix has at most ONE_HOT_GRADIENT_MAX_ENTRIES entries.
+  """
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"take_rows needs integer ids, got {ids.dtype}")
+  if gradient == "auto":
+    gradient = "one_hot" if ids.size * table.shape[0] <= ONE_HOT_GRADIENT_MAX_ENTRIES else "scatter"
+  if gradient == "one_hot":
+    return _take_one_hot_grad(table, ids, table.shape[0])
+  if gradient == "scatter":
+    return jnp.take(table, ids, axis=0)
+  raise ValueError(f"gradient={gradient!r}; choose one of auto, one_hot, scatter")
+
+
 def relative_position_bucket(distance: jax.Array, num_buckets: int, max_distance: int) -> jax.Array:
   """T5's causal buckets of `distance` = query position - key position (>= 0).
 
@@ -104,7 +154,8 @@ class RelativePositionBias(nn.Module):
     buckets = relative_position_bucket(q_pos[:, None] - k_pos[None, :],
                                        cfg.relative_position_buckets,
                                        cfg.relative_position_max_distance)
-    return jnp.transpose(table[buckets], (2, 0, 1)).astype(jnp.float32)
+    bias = take_rows(table, buckets, cfg.gather_gradient)                  # [Q, K, H]
+    return jnp.transpose(bias, (2, 0, 1)).astype(jnp.float32)
 
 
 class MLP(nn.Module):
