@@ -447,6 +447,16 @@ def test_mem_fraction_reaches_jobs_without_parallel(tmp_path, monkeypatch):
   assert seen == [("inprocess", "0.2")]      # set in this process before its jax backend starts
 
 
+def test_parse_gin_beside_directories_named_like_the_config_folders(tmp_path, monkeypatch):
+  """A 'data/' or 'models/' directory on sys.path (beside the script, or the working
+  directory under `python -m`) made gin look the includes up as packages and fail."""
+  for name in ("data", "models", "memory", "experiments"):
+    (tmp_path / name).mkdir()
+  monkeypatch.syspath_prepend(str(tmp_path))
+  model, train = parse_gin(["experiments/table4_protocol.gin", "memory/mem8192.gin"], [])
+  assert model.memory_layers == (-3,) and train.num_steps == 2500
+
+
 def test_parse_gin_from_many_threads_gives_each_its_own_config(caplog):
   """The sweep's job threads parse their configs at once: each must get its own
   bindings, and gin's search-path misses must not reach the log."""

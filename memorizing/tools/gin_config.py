@@ -29,6 +29,30 @@ def _config_dir() -> str:
 
 CONFIG_DIR = _config_dir()
 
+def _tolerant(exists):
+  """`exists` returning False instead of raising TypeError.
+
+  gin's second file reader looks an include such as 'data/python_stdlib.gin'
+  up as package `data` on sys.path before gin tries the next search path; a
+  plain directory of that name beside the script or in the working directory
+  (`python -m ...`) is a namespace package without a file, and the check
+  raised TypeError, so every config including 'data/...', 'models/...' or
+  'memory/...' failed to parse there.
+  """
+  def check(path):
+    try:
+      return exists(path)
+    except TypeError:
+      return False
+  check.tolerant = True
+  return check
+
+
+gin.config._FILE_READERS[:] = [   # private list, no public way to guard a reader
+    (reader, exists if exists is os.path.isfile or getattr(exists, "tolerant", False)
+     else _tolerant(exists))
+    for reader, exists in gin.config._FILE_READERS]
+
 # Registered once, by these names: gin files bind `ModelConfig.x` and `TrainConfig.x`.
 _GIN_MODEL_CONFIG = gin.external_configurable(ModelConfig, "ModelConfig")
 _GIN_TRAIN_CONFIG = gin.external_configurable(TrainConfig, "TrainConfig")
