@@ -106,3 +106,19 @@ def test_gather_gradient_is_checked_and_not_part_of_a_recipe(tmp_path):
                       spec["evals"])
     return protocol.recipe_and_rows(spec["gin_file"], jobs, 2500)
   assert recipe() == recipe("ModelConfig.gather_gradient = 'scatter'")
+
+
+def test_benchmark_step_draws_uniform_zipf_and_constant_ids():
+  import importlib.util, os
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "benchmark_step.py")
+  spec = importlib.util.spec_from_file_location("benchmark_step", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  key, shape = jax.random.PRNGKey(0), (64, 512)
+  share0 = {kind: float(jnp.mean(bench.synthetic_ids(key, shape, 256, kind) == 0))
+            for kind in ("uniform", "zipf", "constant")}
+  assert share0["constant"] == 1.0
+  assert share0["zipf"] == pytest.approx(1 / sum(1 / i for i in range(1, 257)), rel=0.05)
+  assert share0["uniform"] == pytest.approx(1 / 256, rel=0.3)
+  with pytest.raises(ValueError, match="choose uniform, zipf or constant"):
+    bench.synthetic_ids(key, shape, 256, "text")
