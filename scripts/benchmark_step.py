@@ -190,7 +190,31 @@ def synthetic_ids(key, shape, vocab_size: int, kind: str) -> jax.Array:
   raise ValueError(f"--tokens {kind!r}: choose uniform, zipf or constant")
 
 
-def synthetic_batches(cfg: ModelConfig, batch: int, n: int, tokens: str = "uniform"):
+def corpus_batches(cfg: ModelConfig, batch: int, n: int, dataset: str, data_dir=None):
+  """The first `n` training batches of a prepared data set (byte tokens, seed-0
+  document order), on the device. start_of_document is cleared, so that the
+  memory stays full and every row's XL cache valid, as with synthetic ids."""
+  from memorizing.data import pipeline, registry, tokenizers  # TFDS: only for --tokens dataset:
+  tok = tokenizers.get_tokenizer("bytes")
+  if tok.vocab_size > cfg.vocab_size:
+    raise ValueError(f"--tokens dataset:{dataset} needs vocab_size >= {tok.vocab_size}")
+  docs = registry.load_documents(dataset, "train", data_dir)
+  stream = pipeline.DocumentStream(docs, tok, batch, cfg.segment_length, shuffle_seed=0,
+                                   repeat=True)
+  out = []
+  for _ in range(n):
+    b = next(stream)
+    out.append({"tokens": jnp.asarray(b["tokens"]), "targets": jnp.asarray(b["targets"]),
+                "weights": jnp.asarray(b["weights"]),
+                "start_of_document": jnp.zeros((batch,), bool)})
+  return jax.block_until_ready(out)
+
+
+def synthetic_batches(cfg: ModelConfig, batch: int, n: int, tokens: str = "uniform",
+                      data_dir=None):
+  """`n` batches [batch, L] of --tokens: uniform, zipf, constant or dataset:NAME."""
+  if tokens.startswith("dataset:"):
+    return corpus_batches(cfg, batch, 4 * n, tokens.split(":", 1)[1], data_dir)
   out = []
   for i in range(n):
     r1, r2 = jax.random.split(jax.random.PRNGKey(100 + i))
@@ -256,7 +280,7 @@ def run_one(run, args, params_cache, train_mod):
     # outside the model, so the host copy is rebuilt from it first.
     for i in cfg.memory_layer_set:
       backend.sync(layer=i, train=True, memory=state.carried.memory[layer_name(i)])
-  batches = synthetic_batches(cfg, batch, 4, args.tokens)
+  batches = synthetic_batches(cfg, batch, 4, args.tokens, args.data_dir)
   rng = jax.random.PRNGKey(1)
   fn = jax.jit(functools.partial(train_step, model_config=cfg, optimizer=optimizer,
                                  skip_nonfinite=False, backend=backend), donate_argnums=0)
@@ -399,10 +423,12 @@ def main(argv=None):
                       "that works is used for the memory runs")
   p.add_argument("--extra_baselines", default="",
                  help="extra baseline runs at the end, dtype:attention, e.g. float32:einsum")
-  p.add_argument("--tokens", choices=("uniform", "zipf", "constant"), default="uniform",
-                 help="synthetic token ids: uniform (default), zipf (text-like frequencies) "
-                      "or constant; a lookup's scatter gradient on a GPU is slower the more "
-                      "ids repeat (ModelConfig.gather_gradient)")
+  p.add_argument("--tokens", default="uniform",
+                 help="token ids: uniform (default), zipf (text-like frequencies), constant, "
+                      "or dataset:NAME (the first 16 training batches of a prepared data set, "
+                      "byte tokens; --data_dir); a lookup's scatter gradient on a GPU is slower "
+                      "the more ids repeat (ModelConfig.gather_gradient)")
+  p.add_argument("--data_dir", default=None, help="for --tokens dataset:NAME")
   p.add_argument("--model_options", default="",
                  help='JSON ModelConfig overrides for every run, e.g. {"gather_gradient": "scatter"}')
   p.add_argument("--steps", type=int, default=10, help="steps per timing window")
@@ -422,6 +448,8 @@ def main(argv=None):
                  help="keep the traces here (one folder per run; default: a temporary folder)")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
+  if args.tokens not in ("uniform", "zipf", "constant") and not args.tokens.startswith("dataset:"):
+    p.error(f"--tokens {args.tokens!r}: choose uniform, zipf, constant or dataset:NAME")
   on_gpu = jax.default_backend() == "gpu"
   args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
   args.batch = args.batch or (32 if args.preset == "paper" else 4)

@@ -108,12 +108,28 @@ def test_gather_gradient_is_checked_and_not_part_of_a_recipe(tmp_path):
   assert recipe() == recipe("ModelConfig.gather_gradient = 'scatter'")
 
 
-def test_benchmark_step_draws_uniform_zipf_and_constant_ids():
+def load_benchmark_step():
   import importlib.util, os
   path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "benchmark_step.py")
   spec = importlib.util.spec_from_file_location("benchmark_step", path)
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
+  return bench
+
+
+def test_benchmark_step_draws_real_batches_of_a_prepared_data_set(tmp_path):
+  bench = load_benchmark_step()
+  config = CONFIG.replace(vocab_size=260)
+  batches = bench.synthetic_batches(config, 2, 3, "dataset:synthetic", str(tmp_path))
+  assert len(batches) == 12
+  assert batches[0]["tokens"].shape == (2, 16) and not bool(batches[0]["start_of_document"].any())
+  np.testing.assert_array_equal(batches[0]["tokens"][:, 1:], batches[0]["targets"][:, :-1])
+  with pytest.raises(ValueError, match="needs vocab_size >= 260"):
+    bench.synthetic_batches(CONFIG, 2, 1, "dataset:synthetic", str(tmp_path))
+
+
+def test_benchmark_step_draws_uniform_zipf_and_constant_ids():
+  bench = load_benchmark_step()
   key, shape = jax.random.PRNGKey(0), (64, 512)
   share0 = {kind: float(jnp.mean(bench.synthetic_ids(key, shape, 256, kind) == 0))
             for kind in ("uniform", "zipf", "constant")}
