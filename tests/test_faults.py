@@ -9,6 +9,7 @@ exit code the console script exits with.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import threading
@@ -217,6 +218,18 @@ def test_eval_of_a_damaged_checkpoint_is_an_error_not_a_nan(env, data_env, capsy
                      env=env, capture_output=True, text=True, timeout=300)
   _one_clear_error(p.returncode, p.stderr, f"checkpoint {NUM_STEPS} in")
   assert "See full TensorStore details" not in p.stderr, p.stderr
+
+
+def test_orphaned_read_filter_drops_only_orbax_tasks_never_retrieved():
+  from memorizing.training.checkpoint import _OrphanedReadTasks
+  def record(msg):
+    return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)
+  keep = _OrphanedReadTasks().filter
+  assert not keep(record("Task exception was never retrieved\nfuture: <Task finished "
+                         "coro=<async_deserialize() done, defined at /x/orbax/checkpoint/"
+                         "_src/serialization/serialization.py:394>>"))
+  assert keep(record("Task exception was never retrieved\nfuture: <Task coro=<mine()>>"))
+  assert keep(record("Unclosed client session"))
 
 
 def test_a_second_training_in_a_running_workdir_is_one_line(env, data_env, capsys, tmp_path):

@@ -342,26 +342,46 @@ def _orbax_read_error(e: Exception) -> str:
 _QUIET_INSTALLED = False
 
 
+class _OrphanedReadTasks(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for orbax's own read tasks."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+
+
 def quiet_orphaned_reads() -> None:
   """After a restore that failed part-way, the array reads still in flight finish
   on TensorStore's threads and try to wake an event loop that orbax has already
   closed ("RuntimeError: Event loop is closed", or an orbax read coroutine closed
-  at garbage collection): Python prints each as a traceback, long after the one
-  error line. Drop those two kinds of unraisable exception, and only those."""
+  at garbage collection), or their tasks end with the read error that nobody
+  awaits (asyncio logs "Task exception was never retrieved" when they are
+  collected): Python prints each as a traceback, long after the one error line.
+  Drop those kinds, and only those (which of them appear, and through which
+  hook, depends on thread timing and on when the garbage collector runs: a read
+  finishing on a TensorStore thread prints its closed-loop error through
+  sys.excepthook, even before the restore's own error has reached the caller).
+  Installed before a restore is tried, since that print can come first."""
   global _QUIET_INSTALLED
   if _QUIET_INSTALLED:
     return
-  previous = sys.unraisablehook
+  logging.getLogger("asyncio").addFilter(_OrphanedReadTasks())
+  previous, previous_excepthook = sys.unraisablehook, sys.excepthook
+
+  def closed_loop(exc) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
   def hook(unraisable):
-    exc, obj = unraisable.exc_value, unraisable.object
-    closed_loop = isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-    code = getattr(obj, "cr_code", None)
+    code = getattr(unraisable.object, "cr_code", None)
     orbax_coroutine = code is not None and "orbax" in code.co_filename
-    if not (closed_loop or orbax_coroutine):
+    if not (closed_loop(unraisable.exc_value) or orbax_coroutine):
       previous(unraisable)
 
-  sys.unraisablehook = hook
+  def excepthook(kind, value, traceback):
+    if not closed_loop(value):
+      previous_excepthook(kind, value, traceback)
+
+  sys.unraisablehook, sys.excepthook = hook, excepthook
   _QUIET_INSTALLED = True
 
 
@@ -382,11 +402,11 @@ def _load_params(manager, directory: str, step: Optional[int]):
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree_util.tree_map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(tree))
+  quiet_orphaned_reads()   # a damaged file's reads can print before restore raises
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   except Exception as e:  # noqa: BLE001 - orbax raises many kinds for damaged files
-    quiet_orphaned_reads()
     others = [s for s in sorted(manager.all_steps()) if s != step]
     hint = (f"; other checkpoints: {', '.join(map(str, others))} (--checkpoint_step N)"
             if others else "")
