@@ -44,7 +44,8 @@ def test_protocol_expands_to_the_rows_and_evaluations(tmp_path):
     assert bool(model.memory_layers) == (row not in NO_MEMORY_LAYERS), row
     assert model.use_xl_cache == (row != "no_xl"), row
     assert model.memory_enabled == (row != "mem8192_empty"), row
-    assert not model.memory_layer_position_bias, row        # memory layers match content only
+    # Memory layers match content only, but a fine-tuned one keeps the XL layer's bias.
+    assert model.memory_layer_position_bias == (row == "finetune_mem8192"), row
     steps = 2500 if not row.startswith("finetune") else train.num_steps
     assert train.num_steps == steps and steps <= 2500
   assert {r: configs[r][0].memory_size for r in ("mem1536", "mem8192", "mem65536",
@@ -571,7 +572,8 @@ def test_sweep_warns_when_a_binding_makes_two_rows_the_same_run(tmp_path, monkey
                       "--gin_param", "ModelConfig.memory_layers = (-3,)") == 0
   out = capsys.readouterr().out
   assert "warning: rows xl, mem8192 resolve to the same run" in out
-  assert "warning: rows finetune_mem8192, finetune_control resolve to the same run" in out
+  # (the fine-tunes still differ: the fine-tuned memory layer keeps its position bias)
+  assert "finetune_mem8192, finetune_control resolve" not in out
   assert run_protocol(tmp_path, FakeRuns(sleep=0), monkeypatch, "--only", "xl",
                       "--gin_param", "MEMORY_LAYERS = (-2,)") == 0
   assert "warning" not in capsys.readouterr().out

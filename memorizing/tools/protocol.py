@@ -218,7 +218,10 @@ def summary_records(jobs: Sequence[Any], facts: Dict[str, Any], commit: str, rec
   `load(job)`: the job's results JSON ({"results", "checkpoint_step"}, and its
   "train_log" where known: the record then has "train_loss_tail") or None; by
   default its output file. `rows`: row_configs of the recipe; a record then
-  carries its row's hash ("row_config") and the recipe's XL row's ("xl_config")."""
+  carries its row's hash ("row_config"), the recipe's XL row's ("xl_config") and
+  the whole table ("recipe_rows": row or extra evaluation -> hash), with which the
+  report takes a row the recipe did not run from another recipe where it is the
+  same run."""
   rows = rows or {}
   out = []
   for job in jobs:
@@ -238,6 +241,8 @@ def summary_records(jobs: Sequence[Any], facts: Dict[str, Any], commit: str, rec
       for field, name in (("row_config", row), ("xl_config", "xl")):
         if name in rows:
           rec[field] = rows[name]
+      if rows:
+        rec["recipe_rows"] = dict(rows)
       tail = train_loss_tail(res.get("train_log") or []) if job.kind == "train" else None
       if tail is not None:
         rec["train_loss_tail"] = tail
