@@ -533,6 +533,37 @@ def test_report_takes_xl_from_another_recipe_only_when_it_is_the_same_run(tmp_pa
   assert "| 0 | mem8192 | 1.8000 |  |  | -10.0% |" in text
 
 
+def test_report_takes_any_row_from_another_recipe_where_it_is_the_same_run():
+  # Recipe new@2 changed only its fine-tune: its table (recipe_rows) gives every
+  # other row old@1's hash, so old@1's runs of those rows stand in; the fine-tune
+  # (another hash) and an extra evaluation defined otherwise do not.
+  old_rows = {"xl": "X", "mem8192": "M", "finetune_mem8192": "F1", "memory65536": "E"}
+  new_rows = dict(old_rows, finetune_mem8192="F2")
+  def rec(recipe, row, ppl, table, ev="memory", seed=0):
+    return {"dataset": "a", "tokenizer": "bytes", "seed": seed, "steps": 2500, "row": row,
+            "eval": ev, "perplexity": ppl, "bits_per_byte": 1.0, "commit": "c",
+            "recipe": recipe, "row_config": table[row], "xl_config": "X", "recipe_rows": table}
+  records = [rec("old@1", "xl", 2.0, old_rows), rec("old@1", "mem8192", 1.8, old_rows),
+             rec("old@1", "mem8192", 1.9, old_rows, ev="disabled"),
+             rec("old@1", "mem8192", 1.7, old_rows, ev="memory65536"),
+             rec("old@1", "finetune_mem8192", 1.95, old_rows),
+             rec("new@2", "finetune_mem8192", 1.85, new_rows),
+             rec("new@2", "xl", 2.1, new_rows, seed=1)]
+  gains = {(g["recipe"], g["seed"]): g for g in table4_report.gains(records)}
+  assert abs(gains[("new@2", 0)]["gain"] - 0.1) < 1e-9 and ("new@2", 1) not in gains
+  text = table4_report.render(records, "new@2")
+  assert "| 0 | mem8192 (the same run: old@1) | 1.8000 | 1.9000 | 1.7000 | -10.0% |" in text
+  assert "| 0 | finetune_mem8192 | 1.8500 |" in text and "1.9500" not in text
+  assert "| 1 | xl | 2.1000 |" in text                     # its own run where it has one
+  # Another 65K evaluation (a different hash) is not the same run.
+  other_eval = [dict(r, recipe_rows=dict(new_rows, memory65536="E2"))
+                if r["recipe"] == "new@2" else r for r in records]
+  assert "1.7000" not in table4_report.render(other_eval, "new@2")
+  # Records without a table (older files) lend nothing but their XL row.
+  bare = [{k: v for k, v in r.items() if k != "recipe_rows"} for r in records]
+  assert "mem8192 (the same run" not in table4_report.render(bare, "new@2")
+
+
 def test_report_checks_the_other_targets_where_their_rows_ran():
   def rec(ds, seed, row, ppl, ev="memory", recipe="r@1"):
     return {"dataset": ds, "tokenizer": "bytes", "seed": seed, "steps": 2500, "row": row,

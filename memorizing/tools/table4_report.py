@@ -5,9 +5,14 @@ data set and seed, >= 3% on average), then its other targets where their rows we
 
 When a (dataset, seed, row, eval) was run at several commits of one recipe, the newest
 record in the file counts (records are appended in the order they were merged).
-A recipe that changes only memory rows has the XL row of another: records carry a
+A recipe that changes only some rows keeps the others' runs: records carry a
 hash of their row's definition (row_config) and of their recipe's XL row
-(xl_config), and the XL record of another recipe with the same hash stands in.
+(xl_config), and newer ones the recipe's whole table (recipe_rows: row or extra
+evaluation -> hash). A row (and evaluation) that a recipe did not run is taken
+from another recipe's record at the same steps, tokenizer, data set and seed
+where it is the same run: equal row hash and, for an extra evaluation such as
+memory65536, an equal evaluation hash. Records without recipe_rows lend only
+their XL row, through xl_config.
 Where records carry train_loss_tail (the mean training loss over the last 36% of
 steps), the gains table shows XL + 8K's minus XL's: negative when the memory got
 ahead in training on the same batches.
@@ -31,6 +36,27 @@ def _latest(records: Sequence[Dict[str, Any]]) -> Dict[Tuple, Dict[str, Any]]:
   return out
 
 
+def _with_same_runs(latest: Dict[Tuple, Dict[str, Any]]) -> Dict[Tuple, Dict[str, Any]]:
+  """`latest` plus, for each recipe with a row table (records' recipe_rows), the
+  records of other recipes that are the same run as one of its rows and that it
+  has no record of (the newest such record)."""
+  tables: Dict[str, Dict[str, str]] = {}
+  for key, r in latest.items():
+    tables.setdefault(key[0], {}).update(r.get("recipe_rows") or {})
+  out = dict(latest)
+  for recipe, table in tables.items():
+    for key, r in latest.items():
+      row, ev = key[5], key[6]
+      mine = (recipe,) + key[1:]
+      if key[0] == recipe or mine in latest or not table.get(row):
+        continue
+      same_eval = ev in ("memory", "disabled") or (
+          table.get(ev) is not None and (r.get("recipe_rows") or {}).get(ev) == table[ev])
+      if r.get("row_config") == table[row] and same_eval:
+        out[mine] = r
+  return out
+
+
 def _shared_xl(latest: Dict[Tuple, Dict[str, Any]], mem: Dict[str, Any], key: Tuple
                ) -> Optional[Dict[str, Any]]:
   """The XL record for `mem` (an XL + 8K record) from another recipe whose XL row
@@ -51,7 +77,7 @@ def gains(records: Sequence[Dict[str, Any]], recipe: Optional[str] = None
   perplexity and the relative gain 1 - mem8192 / xl. Where the recipe has no XL
   record, an XL record of another recipe counts if its row is the same run
   (`xl_recipe` then names that recipe)."""
-  latest = _latest(records)
+  latest = _with_same_runs(_latest(records))
   out = []
   for key, mem in latest.items():
     rec, steps, tok, ds, seed, row, ev = key
@@ -100,7 +126,7 @@ def secondary_targets(records: Sequence[Dict[str, Any]], recipe: Optional[str] =
                       ) -> Dict[Tuple, List[Dict[str, Any]]]:
   """{(recipe, steps, tokenizer): [{"name", "holds" (None: not run), "pairs": [(data
   set, seed, ppl a, ppl b)], "why"}]} for the checks of SECONDARY."""
-  latest = _latest(records)
+  latest = _with_same_runs(_latest(records))
   groups = sorted({k[:3] for k in latest if not recipe or k[0] == recipe}, key=str)
   out: Dict[Tuple, List[Dict[str, Any]]] = {}
   for group in groups:
@@ -140,7 +166,7 @@ def _signal(r: Optional[Dict[str, Any]], key: str) -> str:
 
 def render(records: Sequence[Dict[str, Any]], recipe: Optional[str] = None) -> str:
   """Markdown tables of the records (of `recipe` if given) and the target check."""
-  latest = _latest(records)
+  latest = _with_same_runs(_latest(records))
   groups: Dict[Tuple, Dict[Tuple, Dict[str, Any]]] = {}
   for key, r in latest.items():
     if recipe and key[0] != recipe:
@@ -166,7 +192,7 @@ def render(records: Sequence[Dict[str, Any]], recipe: Optional[str] = None) -> s
         vs = f"{100 * (r['perplexity'] / xl['perplexity'] - 1):+.1f}%" if xl and row != "xl" else ""
         ppl = lambda x: f"{x['perplexity']:.4f}" if x else ""
         if r["recipe"] != rec:
-          row = f"xl (the same run: {r['recipe']})"
+          row = f"{row} (the same run: {r['recipe']})"
         cells = (seed, row, ppl(r), ppl(off), ppl(big), vs, _signal(r, "gate_mean"),
                  _signal(r, "top1_mean"), _signal(r, "recall"), str(r.get("commit", ""))[:7])
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
