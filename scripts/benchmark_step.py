@@ -304,6 +304,7 @@ def run_one(run, args, params_cache, train_mod):
   # Windows of about args.window_s seconds each (at most args.steps steps).
   steps = int(max(2, min(args.steps, args.window_s / max(time.perf_counter() - t, 1e-6))))
   result["steps_per_window"] = steps
+  host_before = dict(getattr(backend, "stats", None) or {})
   windows = []
   for w in range(args.windows):
     t = time.perf_counter()
@@ -312,6 +313,11 @@ def run_one(run, args, params_cache, train_mod):
     jax.block_until_ready((state, metrics))
     windows.append((time.perf_counter() - t) / steps)
   step_s = statistics.median(windows)
+  if "host_s" in host_before:          # a host backend (ScaNN): its calls' share of the step
+    timed = args.windows * steps
+    result["host_ms_per_step"] = {
+        key[:-2]: 1e3 * (backend.stats[key] - host_before[key]) / timed
+        for key in ("host_s", "search_s", "insert_s")}
   if args.profile_steps:
     holder = {"state": state}
 
@@ -400,6 +406,13 @@ def table(results) -> str:
     lines.append(f"| {r['name']} | {backend} | {mem} | {r['attention']} | {r['dtype']} | "
                  f"{1e3 * r['step_s']:.2f} | {r['tokens_per_s']:,.0f} | "
                  f"{r['flops']['total'] / 1e9:,.1f} | {mfu} | {peak} | {ratio} |")
+  for r in results:
+    host = r.get("host_ms_per_step")
+    if r.get("status") == "ok" and host:
+      mem = f" {r['memory_size'] // 1024}K" if r["memory_size"] else ""
+      lines.append(f"\n{r['name']}{mem}: the host calls take {host['host']:.2f} ms of its "
+                   f"{1e3 * r['step_s']:.2f} ms step (search {host['search']:.2f}, insert "
+                   f"{host['insert']:.2f}; mean over the timed steps)")
   return "\n".join(lines)
 
 

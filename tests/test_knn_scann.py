@@ -108,6 +108,24 @@ def test_scann_repeated_host_call_does_not_insert_twice():
   assert synthetic.recall(i, v, ei, ev) == 1.0
 
 
+def test_scann_stats_sum_the_seconds_of_the_host_calls_that_ran():
+  be = ScannBackend(num_threads=2)
+  step = make_step(be)
+  mem = M.init(1, 2, 64, 8)
+  segs = stream(1, 2, 3, 8, 8, seed=5)
+  mem1, _, _ = jax.block_until_ready(step(mem, segs[1], segs[0], jnp.array([True])))
+  first = dict(be.last_timing)
+  mem2, _, _ = jax.block_until_ready(step(mem1, segs[2], segs[1], jnp.array([False])))
+  second = dict(be.last_timing)
+  for key in ("search_s", "insert_s"):
+    assert be.stats[key] == pytest.approx(first[key] + second[key])
+  assert be.stats["host_s"] == pytest.approx(first["total_s"] + second["total_s"])
+  assert be.stats["host_s"] >= be.stats["search_s"] + be.stats["insert_s"] > 0
+  total = be.stats["host_s"]
+  jax.block_until_ready(step(mem1, segs[2], segs[1], jnp.array([False])))   # a repeat
+  assert be.stats["repeated_calls"] == 1 and be.stats["host_s"] == total
+
+
 def test_scann_out_of_sync_memory_raises_clear_error_naming_backend():
   be = ScannBackend(num_threads=2)
   step = make_step(be)

@@ -158,7 +158,9 @@ class ScannBackend(KNNBackend):
                  evenly; "off": one call with the whole batch on one device
                  (single-process only).
     row_axis:    "data"; the mesh axis name of the rows.
-  Timings of the last host call are in `self.last_timing` (seconds).
+  Timings of the last host call are in `self.last_timing` (seconds); `self.stats`
+  counts host calls, repeated calls and tree builds, and sums the seconds of the
+  calls that ran (host_s = search_s + insert_s + the reset's bookkeeping).
   """
   name = "scann"
 
@@ -190,7 +192,8 @@ class ScannBackend(KNNBackend):
     self._layers: Dict[Tuple[int, bool], _LayerState] = {}
     self._lock = threading.Lock()
     self.last_timing: Dict[str, float] = {}
-    self.stats = {"host_calls": 0, "repeated_calls": 0, "tree_builds": 0}
+    self.stats = {"host_calls": 0, "repeated_calls": 0, "tree_builds": 0,
+                  "host_s": 0.0, "search_s": 0.0, "insert_s": 0.0}
 
   # ------------------------------------------------------------------ searchers
 
@@ -384,6 +387,9 @@ class ScannBackend(KNNBackend):
     st.last[rows] = (fingerprint, (idx, valid))
     self.last_timing = {"search_s": t1 - t0, "insert_s": t2 - t1, "total_s": t2 - t0,
                         "rows": len(rows)}
+    with self._lock:
+      for key, seconds in (("host_s", t2 - t0), ("search_s", t1 - t0), ("insert_s", t2 - t1)):
+        self.stats[key] += seconds
     return idx, valid
 
   # ------------------------------------------------------------------ interface
