@@ -161,13 +161,16 @@ class Attention(nn.Module):
           mass = gate[None, :, None] * has_any
           g = gate[None, :, None, None]
           out = (g * mem_out.astype(jnp.float32) + (1.0 - g) * out.astype(jnp.float32)).astype(out.dtype)
+        signals = None
         if self.is_mutable_collection("signals"):
-          self.sow("signals", "memory", signals_lib.layer_signals(
+          signals = signals_lib.layer_signals(
               q=q, keys=mem_k, valid=valid, idx=idx, mem=mem, mem_probs=probs * mass[..., None],
               mass=mass, gate=reported, segment_length=cfg.segment_length,
               use_xl_cache=cfg.use_xl_cache, recall_k=cfg.num_neighbors,
-              gate_name=reported_name))
-        new_mem = memory_lib.append(mem, k, v)
+              gate_name=reported_name)
+          self.sow("signals", "memory", signals)
+        # The append after every read of the old memory, so that it writes in place.
+        new_mem = memory_lib.append(mem, *memory_lib.after_reads((mem_k, mem_v, signals), k, v))
       elif cfg.memory_combine == "gate":
         # Memory disabled: the memory term is zero, local attention keeps (1 - g).
         g = gate[None, :, None, None]
