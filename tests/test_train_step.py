@@ -65,6 +65,7 @@ def test_memory_append_writes_in_place_after_the_gathers():
   # to it; unless the append is ordered after those reads (memory.after_reads),
   # XLA copies the whole memory every step (4 copies here, 29 ms of a 64K step
   # on the CPU, docs/benchmark_step.md).
-  config = CONFIG.replace(memory_layers=(-1,), memory_size=256, knn_backend="exact")
-  assert _memory_copies(config, signals=False) == 0
-  assert _memory_copies(config, signals=True) == 0
+  for backend in ("exact", "device"):
+    config = CONFIG.replace(memory_layers=(-1,), memory_size=256, knn_backend=backend)
+    assert _memory_copies(config, signals=False) == 0, backend
+    assert _memory_copies(config, signals=True) == 0, backend
