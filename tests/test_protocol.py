@@ -12,6 +12,7 @@ import os
 import threading
 import time
 
+import jax
 import pytest
 
 from memorizing.data import registry
@@ -20,6 +21,8 @@ from memorizing.data.tokenizer_training import spm_vocab_size
 from memorizing.data.tokenizers import get_tokenizer
 from memorizing.tools import protocol, sweep, table4, table4_report
 from memorizing.tools.gin_config import parse_gin
+from memorizing.model.decoder import init_params
+from memorizing.training.step import learning_rate_multipliers, param_path
 
 ROWS = ["xl", "no_xl", "mem1536", "mem8192", "mem8192_empty", "mem65536", "finetune_mem8192",
         "finetune_control"]
@@ -68,6 +71,31 @@ def test_protocol_expands_to_the_rows_and_evaluations(tmp_path):
   assert recipe.startswith("table4_protocol.gin@")
   assert protocol.recipe_id(spec["gin_file"], other, 2500) == recipe
   assert protocol.recipe_id(spec["gin_file"], longer, 2500) != recipe
+
+
+def test_finetune_variants_share_the_protocols_rows_and_name_real_parameters(tmp_path):
+  # The variants file's xl and fine-tune rows are the protocol's (equal hashes, so
+  # the report counts them for the protocol's recipe); every variant differs from
+  # finetune_mem8192, and its learning-rate table names parameters that exist.
+  spec = sweep.load_grid_file(table4.PROTOCOL)
+  base = protocol_jobs(tmp_path)
+  _, rows = protocol.recipe_and_rows(spec["gin_file"], base, 2500)
+  variants = sweep.load_grid_file("experiments/table4_finetune_variants.yaml")
+  jobs = sweep.plan(str(tmp_path), variants["gin_file"], variants["gin_param"], variants["grid"],
+                    [0], variants["rows"], variants["evals"])
+  _, var_rows = protocol.recipe_and_rows(variants["gin_file"], jobs, 2500)
+  for row in ("xl", "finetune_mem8192", "finetune_control"):
+    assert var_rows[row] == rows[row], row
+  others = [r for r in var_rows if r.startswith("ft_")]
+  assert len(others) == 4 and all(var_rows[r] != rows["finetune_mem8192"] for r in others)
+  qk = next(j for j in jobs if j.row == "ft_qk10")
+  model, train = parse_gin(qk.files, qk.params)
+  params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+  mults = learning_rate_multipliers(params, train.learning_rate_multipliers)
+  flat = {param_path(path): m for path, m in jax.tree_util.tree_flatten_with_path(mults)[0]}
+  layer = f"block_{model.num_layers + model.memory_layers[0]}"
+  assert {n for n, m in flat.items() if m == 10.0} == {
+      f"{layer}/attention/query/kernel", f"{layer}/attention/key/kernel"}
 
 
 def test_memory_layer_variant_keeps_the_xl_rows_run(tmp_path, capsys):
