@@ -91,7 +91,7 @@ def after_reads(reads: Any, *arrays: jax.Array) -> Tuple[jax.Array, ...]:
   after every read of the old contents; otherwise it copies the whole memory
   (on the CPU twice per tensor and step). The dependence is a zero computed
   from one element of each read (non-finite values count as 0), so the result
-  equals `arrays` exactly.
+  equals `arrays` (a -0.0 becomes +0.0, which no dot product can tell apart).
   """
   zero = jnp.zeros((), jnp.float32)
   for leaf in jax.tree_util.tree_leaves(reads):
