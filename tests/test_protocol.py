@@ -87,7 +87,7 @@ def test_finetune_variants_share_the_protocols_rows_and_name_real_parameters(tmp
   for row in ("xl", "finetune_mem8192", "finetune_control"):
     assert var_rows[row] == rows[row], row
   others = [r for r in var_rows if r.startswith("ft_")]
-  assert len(others) == 4 and all(var_rows[r] != rows["finetune_mem8192"] for r in others)
+  assert len(others) == 5 and all(var_rows[r] != rows["finetune_mem8192"] for r in others)
   qk = next(j for j in jobs if j.row == "ft_qk10")
   model, train = parse_gin(qk.files, qk.params)
   params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
