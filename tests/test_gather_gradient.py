@@ -64,6 +64,21 @@ def test_auto_uses_one_hot_up_to_the_entry_limit(monkeypatch):
   assert scatter_add_targets(grad(), table) == [(8, 4)]
 
 
+def test_auto_takes_one_hot_on_a_gpu_beyond_the_cpu_limit(monkeypatch):
+  # On a GPU "auto" keeps one-hot up to 2**30 entries, which covers the paper
+  # preset's embedding (32 x 512 tokens over 32768 pieces; faster on text-like
+  # ids, docs/benchmark_step.md); elsewhere that lookup takes the scatter.
+  assert 32 * 512 * 32768 <= layers.one_hot_gradient_limit("gpu")
+  assert 32 * 512 * 32768 > layers.one_hot_gradient_limit("cpu")
+  ids = jnp.zeros((10, 10), jnp.int32)
+  table = jnp.ones((8, 4))
+  grad = lambda: lambda t: jax.grad(lambda t: jnp.sum(take_rows(t, ids, "auto")))(t)
+  monkeypatch.setattr(layers, "ONE_HOT_GRADIENT_MAX_ENTRIES", 799)   # below 100 x 8
+  assert scatter_add_targets(grad(), table) == [(8, 4)]
+  monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+  assert scatter_add_targets(grad(), table) == []
+
+
 def model_gradient(config, tokens):
   params = init_params(config, jax.random.PRNGKey(0))
   carried = init_carried_state(config, tokens.shape[0])

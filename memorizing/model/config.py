@@ -78,7 +78,8 @@ class ModelConfig:
   # "one_hot" (a one-hot matmul: no atomics, deterministic, its cost independent
   # of the tokens), "scatter" (XLA's scatter-add: on a GPU, repeated ids contend,
   # so a step on real text is 2-8x a step on uniform random ids), "auto"
-  # (one_hot where the one-hot matrix has at most 2**26 entries). The same
+  # (one_hot where the one-hot matrix has at most 2**30 entries on a GPU, 2**26
+  # elsewhere: layers.one_hot_gradient_limit). The same
   # gradient either way, up to summation order: not part of a recipe.
   gather_gradient: str = "auto"
   # Initial value of the learned per-head scale on normalised q.k logits.

@@ -67,9 +67,20 @@ def init_xl_cache(config: ModelConfig, batch: int) -> XLCache:
 
 # --- table lookups ----------------------------------------------------------------------
 # The one-hot gradient is used where its [N, V] one-hot matrix has at most this
-# many entries (ModelConfig.gather_gradient = "auto"): the byte and 8K-piece
-# vocabularies at the batch sizes used here, and the position-bias table.
+# many entries (ModelConfig.gather_gradient = "auto"). On a GPU up to 2**30,
+# which covers the paper preset's 32K pieces x 32 x 512 tokens: there on
+# text-like (Zipf) ids one-hot is 59.15 ms per step against the scatter's 69.62,
+# on uniform ids 59.34 against 57.27 (docs/benchmark_step.md); XLA fuses the
+# one-hot into the matmul (peak memory unchanged). Elsewhere 2**26 (the byte and
+# 8K-piece vocabularies at the batch sizes used here, the position-bias table): a
+# CPU's scatter has no atomics to contend on, and the matmul is not free there.
 ONE_HOT_GRADIENT_MAX_ENTRIES = 1 << 26
+ONE_HOT_GRADIENT_MAX_ENTRIES_GPU = 1 << 30
+
+
+def one_hot_gradient_limit(backend: str) -> int:
+  """The most one-hot entries for which "auto" takes the one-hot gradient."""
+  return ONE_HOT_GRADIENT_MAX_ENTRIES_GPU if backend == "gpu" else ONE_HOT_GRADIENT_MAX_ENTRIES
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -102,12 +113,14 @@ def take_rows(table: jax.Array, ids: jax.Array, gradient: str = "auto") -> jax.A
   so the step's time depends on the data. `gradient="one_hot"` computes the same
   sum as one_hot(ids)^T @ g, a matmul with float32 accumulation whose cost does
   not depend on the ids (and which is deterministic); "auto" takes it while the
-  one-hot matrix has at most ONE_HOT_GRADIENT_MAX_ENTRIES entries.
+  one-hot matrix has at most `one_hot_gradient_limit(jax.default_backend())`
+  entries (2**30 on a GPU, 2**26 elsewhere).
   """
   if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"take_rows needs integer ids, got {ids.dtype}")
   if gradient == "auto":
-    gradient = "one_hot" if ids.size * table.shape[0] <= ONE_HOT_GRADIENT_MAX_ENTRIES else "scatter"
+    limit = one_hot_gradient_limit(jax.default_backend())
+    gradient = "one_hot" if ids.size * table.shape[0] <= limit else "scatter"
   if gradient == "one_hot":
     return _take_one_hot_grad(table, ids, table.shape[0])
   if gradient == "scatter":
