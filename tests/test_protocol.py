@@ -656,3 +656,22 @@ def test_report_of_a_file_that_is_not_a_summary_is_one_line(tmp_path):
     table4.main(["--report", "--summary", str(bad)])
   with pytest.raises(UsageError, match="cannot read the summary"):
     table4.main(["--report", "--summary", str(tmp_path / "missing.json")])
+
+
+def test_report_splits_the_gain_into_the_layer_and_the_retrieved_content():
+  def rec(seed, row, ppl, ev="memory"):
+    return {"dataset": "a", "tokenizer": "bytes", "seed": seed, "steps": 2500, "row": row,
+            "eval": ev, "perplexity": ppl, "bits_per_byte": 1.0, "commit": "c", "recipe": "r@1"}
+  records = [rec(0, "xl", 2.0), rec(0, "mem8192_empty", 1.9), rec(0, "mem8192", 1.8),
+             rec(0, "mem8192", 1.98, "disabled"),
+             rec(1, "xl", 2.0), rec(1, "mem8192", 1.5)]          # seed 1: no empty row
+  got = {g["seed"]: g for g in table4_report.gains(records)}
+  assert abs(got[0]["layer_gain"] - 0.05) < 1e-9                 # 1 - 1.9 / 2.0
+  assert abs(got[0]["content_gain"] - (1 - 1.8 / 1.9)) < 1e-9
+  assert abs(got[0]["off_cost"] - 0.1) < 1e-9                    # 1.98 / 1.8 - 1
+  assert abs((1 - got[0]["layer_gain"]) * (1 - got[0]["content_gain"]) - (1 - got[0]["gain"])) < 1e-9
+  assert not {"layer_gain", "content_gain", "off_cost"} & set(got[1])
+  text = table4_report.render(records, "r@1")
+  assert "| 1.9000 | +5.0% | +5.3% | +10.0% |" in text
+  assert "The gain's parts over the 1 pairs with the memory-always-empty row: layer +5.0% to " \
+         "+5.0%, content +5.3% to +5.3%" in text

@@ -76,7 +76,12 @@ def gains(records: Sequence[Dict[str, Any]], recipe: Optional[str] = None
   """Per (recipe, steps, tokenizer, dataset, seed) with both rows: XL's and XL + 8K's
   perplexity and the relative gain 1 - mem8192 / xl. Where the recipe has no XL
   record, an XL record of another recipe counts if its row is the same run
-  (`xl_recipe` then names that recipe)."""
+  (`xl_recipe` then names that recipe).
+
+  Where the memory-always-empty row ran, the gain's two parts: `layer_gain`
+  = 1 - mem8192_empty / xl (the memory layer without anything to retrieve) and
+  `content_gain` = 1 - mem8192 / mem8192_empty (what it retrieves); where the
+  memory-disabled evaluation ran, `off_cost` = disabled / mem8192 - 1."""
   latest = _with_same_runs(_latest(records))
   out = []
   for key, mem in latest.items():
@@ -92,6 +97,14 @@ def gains(records: Sequence[Dict[str, Any]], recipe: Optional[str] = None
         g["xl_recipe"] = xl["recipe"]
       if mem.get("train_loss_tail") is not None and xl.get("train_loss_tail") is not None:
         g["train_gap"] = mem["train_loss_tail"] - xl["train_loss_tail"]
+      empty = latest.get((rec, steps, tok, ds, seed, "mem8192_empty", "memory"))
+      if empty:
+        g["empty"] = empty["perplexity"]
+        g["layer_gain"] = 1.0 - empty["perplexity"] / xl["perplexity"]
+        g["content_gain"] = 1.0 - mem["perplexity"] / empty["perplexity"]
+      off = latest.get((rec, steps, tok, ds, seed, "mem8192", "disabled"))
+      if off:
+        g["off_cost"] = off["perplexity"] / mem["perplexity"] - 1.0
       out.append(g)
   return sorted(out, key=lambda g: (g["recipe"], g["steps"], g["tokenizer"], g["dataset"],
                                     g["seed"]))
@@ -199,20 +212,31 @@ def render(records: Sequence[Dict[str, Any]], recipe: Optional[str] = None) -> s
     lines.append("")
   rows = gains(records, recipe)
   if rows:
+    pct = lambda g, k: f"{100 * g[k]:+.1f}%" if k in g else ""
     lines += ["### XL + 8K against XL", "",
+              "Layer: 1 - (memory always empty) / XL; content: 1 - (XL + 8K) / (memory always "
+              "empty); memory off: the XL + 8K model evaluated with its memory disabled, "
+              "against with it.", "",
               "| recipe | steps | tokenizer | data set | seed | XL | XL + 8K | gain (1 - XL+8K/XL) "
-              "| train loss, XL + 8K - XL (last 36% of steps) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| train loss, XL + 8K - XL (last 36% of steps) | memory always empty | layer "
+              "| content | memory off |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {g['recipe']} | {g['steps']} | {g['tokenizer']} | {g['dataset']} | {g['seed']} | "
               f"{g['xl']:.4f}{' (' + g['xl_recipe'] + ')' if 'xl_recipe' in g else ''} | "
               f"{g['mem8192']:.4f} | {100 * g['gain']:+.1f}% | "
-              f"{format(g['train_gap'], '+.3f') if 'train_gap' in g else ''} |" for g in rows]
+              f"{format(g['train_gap'], '+.3f') if 'train_gap' in g else ''} | "
+              f"{format(g['empty'], '.4f') if 'empty' in g else ''} | {pct(g, 'layer_gain')} | "
+              f"{pct(g, 'content_gain')} | {pct(g, 'off_cost')} |" for g in rows]
     lines.append("")
   for (rec, steps, tok), members in _by_recipe(rows).items():
     t = target(members)
     lines.append(f"Target (>= {100 * MIN_GAIN:.0f}% on every pair, >= {100 * MIN_MEAN_GAIN:.0f}% "
                  f"on average) for {rec}, {steps} steps, {tok}: "
                  f"**{'holds' if t['holds'] else 'does not hold'}** ({t['why']}).")
+    parts = gain_parts(members)
+    if parts:
+      lines.append(f"  The gain's parts over the {parts['pairs']} pairs with the memory-always-empty "
+                   f"row: layer {parts['layer']}, content {parts['content']} (min to max).")
   with_gains = set(_by_recipe(rows))
   for (rec, steps, tok), checks in secondary_targets(records, recipe).items():
     run = [c for c in checks if c["holds"] is not None]
@@ -223,6 +247,17 @@ def render(records: Sequence[Dict[str, Any]], recipe: Optional[str] = None) -> s
               for c in run]
     lines += [f"- {c['name']}: not run." for c in checks if c["holds"] is None]
   return "\n".join(lines).rstrip() + "\n"
+
+
+def gain_parts(gain_rows: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+  """The range (min to max) of the layer's and the content's gains over the pairs
+  of `gain_rows` that have both, or None."""
+  both = [g for g in gain_rows if "layer_gain" in g]
+  if not both:
+    return None
+  span = lambda k: (f"{100 * min(g[k] for g in both):+.1f}% to "
+                    f"{100 * max(g[k] for g in both):+.1f}%")
+  return {"pairs": len(both), "layer": span("layer_gain"), "content": span("content_gain")}
 
 
 def _by_recipe(rows: Sequence[Dict[str, Any]]) -> Dict[Tuple, List[Dict[str, Any]]]:
