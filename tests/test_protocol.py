@@ -126,6 +126,18 @@ def test_only_takes_a_row_name_for_every_seed_or_one_seeded_job(tmp_path):
     sweep.select_only(jobs, ["xll"])
 
 
+def test_only_says_which_evaluations_of_the_selected_runs_it_leaves_out(
+    tmp_path, monkeypatch, capsys):
+  jobs = protocol_jobs(tmp_path, seeds=(0, 1))
+  only = sweep.select_only(jobs, ["mem8192_seed-1,xl"])
+  assert sweep.evaluations_left_out(jobs, only) == ["memory65536_seed-1 (of mem8192_seed-1)"]
+  assert sweep.evaluations_left_out(jobs, sweep.select_only(jobs, ["mem8192,memory65536"])) == []
+  assert sweep.evaluations_left_out(jobs, set()) == []          # no --only: everything runs
+  assert run_protocol(tmp_path, FakeRuns(sleep=0), monkeypatch, "--only", "mem8192") == 0
+  assert ("note: --only selects runs whose evaluations it leaves out: memory65536_seed-0 "
+          "(of mem8192_seed-0)") in capsys.readouterr().out
+
+
 def test_table4_wrapper_builds_the_sweep(tmp_path):
   args, rest = table4.build_parser().parse_known_args(
       ["--dataset", "perl_doc", "--data_dir", "/d", "--seeds", "0,1", "--tokenizer", "spm:8192",

@@ -200,6 +200,15 @@ def select_only(jobs: Sequence[Job], flags: Sequence[str]) -> set:
   return {j.name for j in jobs if j.name in wanted or j.row in wanted}
 
 
+def evaluations_left_out(jobs: Sequence[Job], only: set) -> List[str]:
+  """The eval jobs that `only` leaves out although it selects the run they evaluate
+  (`--only mem8192` without `memory65536`): "NAME (of RUN)"."""
+  if not only:
+    return []
+  return [f"{j.name} (of {j.of})" for j in jobs
+          if j.kind == "eval" and j.of in only and j.name not in only]
+
+
 # --- running -------------------------------------------------------------------------
 def shell_line(train: Optional[List[str]], evaluate: List[str]) -> str:
   q = lambda args: " ".join(shlex.quote(a) for a in args)
@@ -697,6 +706,11 @@ def main(argv: Sequence[str]) -> int:
   sweep_dir = os.path.abspath(os.path.expanduser(args.sweep_dir))
   jobs = plan(sweep_dir, base_files, base_params, grid, seeds, spec["rows"], spec["evals"])
   only = select_only(jobs, args.only)
+  left_out = evaluations_left_out(jobs, only)
+  if left_out:
+    print(f"[sweep] note: --only selects runs whose evaluations it leaves out: "
+          f"{', '.join(left_out)}; name them in --only to run them too (a run's "
+          "checkpoint must still be in the sweep directory to evaluate it later)", flush=True)
   if args.parallel < 1:
     raise SweepError(f"--parallel {args.parallel}: expected 1 or more jobs at once")
   if args.parallel > 1:
