@@ -131,6 +131,14 @@ def plan_runs(args, cfg):
                       config=cfg.replace(memory_size=size, knn_backend="device",
                                          knn_options=parse_options(text)), attention=None))
   n_dev = sum(r["config"].knn_backend == "device" for r in mem_runs)
+  if args.memory_signals:
+    # Each device run again with the trainer's memory signals on (its default,
+    # TrainConfig.memory_signals), right after the same run with them off.
+    with_signals = []
+    for r in mem_runs[:n_dev]:
+      with_signals += [r, dict(r, name="device+signals", signals=True)]
+    mem_runs = with_signals + mem_runs[n_dev:]
+    n_dev *= 2
   runs += mem_runs[:n_dev] + extra + mem_runs[n_dev:]
   for impl in args.extra_baselines.split(","):
     if impl:
@@ -236,7 +244,8 @@ def run_one(run, args, params_cache, train_mod):
                 knn_backend=cfg.knn_backend if cfg.memory_layers else None,
                 knn_options=dict(cfg.knn_options) if cfg.memory_layers else None,
                 memory_size=cfg.memory_size if cfg.memory_layers else 0, batch=batch,
-                segment_length=cfg.segment_length, tokens_per_step=batch * cfg.segment_length)
+                segment_length=cfg.segment_length, tokens_per_step=batch * cfg.segment_length,
+                memory_signals=bool(run.get("signals")))
   if cfg.memory_layers and cfg.knn_backend == "exact":
     need = batch * cfg.num_heads * cfg.segment_length * cfg.memory_size * 4
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit") if hasattr(
@@ -283,7 +292,8 @@ def run_one(run, args, params_cache, train_mod):
   batches = synthetic_batches(cfg, batch, 4, args.tokens, args.data_dir)
   rng = jax.random.PRNGKey(1)
   fn = jax.jit(functools.partial(train_step, model_config=cfg, optimizer=optimizer,
-                                 skip_nonfinite=False, backend=backend), donate_argnums=0)
+                                 skip_nonfinite=False, backend=backend,
+                                 memory_signals=bool(run.get("signals"))), donate_argnums=0)
   t = time.perf_counter()
   compiled = fn.lower(state, batches[0], rng).compile()
   result["compile_s"] = time.perf_counter() - t
@@ -386,6 +396,20 @@ def main_baseline(results):
   return min(main, key=lambda b: b["step_s"]) if main else None
 
 
+def signal_costs(results):
+  """Each run with the memory signals on against the same run with them off (the
+  one before it): [{"memory_size", "knn_options", "off_ms", "on_ms", "ratio"}]."""
+  out = []
+  for prev, r in zip(results, results[1:]):
+    if (r.get("memory_signals") and not prev.get("memory_signals")
+        and r.get("status") == prev.get("status") == "ok"
+        and (r["memory_size"], r["knn_options"]) == (prev["memory_size"], prev["knn_options"])):
+      out.append(dict(memory_size=r["memory_size"], knn_options=r["knn_options"],
+                      off_ms=1e3 * prev["step_s"], on_ms=1e3 * r["step_s"],
+                      ratio=r["step_s"] / prev["step_s"]))
+  return out
+
+
 def table(results) -> str:
   head = ("| run | backend / options | memory | attention | dtype | step ms | tokens/s | "
           "GFLOP/step | MFU | peak GiB (XLA) | ratio to baseline |")
@@ -406,6 +430,9 @@ def table(results) -> str:
     lines.append(f"| {r['name']} | {backend} | {mem} | {r['attention']} | {r['dtype']} | "
                  f"{1e3 * r['step_s']:.2f} | {r['tokens_per_s']:,.0f} | "
                  f"{r['flops']['total'] / 1e9:,.1f} | {mfu} | {peak} | {ratio} |")
+  for c in signal_costs(results):
+    lines.append(f"\nmemory signals at {c['memory_size'] // 1024}K: {c['on_ms']:.2f} ms per step "
+                 f"with them, {c['off_ms']:.2f} without ({c['ratio']:.3f}x)")
   for r in results:
     host = r.get("host_ms_per_step")
     if r.get("status") == "ok" and host:
@@ -442,6 +469,9 @@ def main(argv=None):
                       "byte tokens; --data_dir); a lookup's scatter gradient on a GPU is slower "
                       "the more ids repeat (ModelConfig.gather_gradient)")
   p.add_argument("--data_dir", default=None, help="for --tokens dataset:NAME")
+  p.add_argument("--memory_signals", action="store_true",
+                 help="time each device memory run again with the memory signals on (the "
+                      "trainer's default, TrainConfig.memory_signals) and print the ratio")
   p.add_argument("--model_options", default="",
                  help='JSON ModelConfig overrides for every run, e.g. {"gather_gradient": "scatter"}')
   p.add_argument("--steps", type=int, default=10, help="steps per timing window")
@@ -538,7 +568,7 @@ def main(argv=None):
       flops_note=("model 6*params*tokens; attention 12*B*H*D*(L*C + L(L+1)/2) per layer; "
                   "kNN 2*B*H*L*N*D search + 12*B*H*L*k*D memory attention; "
                   "MFU against 989.4 TFLOP/s dense bf16"),
-      results=results)
+      results=results, memory_signal_costs=signal_costs(results))
   text = table(results)
   profiled = {f"{r['name']} {r['memory_size'] or ''}".strip(): r["profile"]
               for r in results if r.get("profile")}
