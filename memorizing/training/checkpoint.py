@@ -343,11 +343,15 @@ _QUIET_INSTALLED = False
 
 
 class _OrphanedReadTasks(logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" for orbax's own read tasks."""
+  """Drops asyncio's "Task/Future exception was never retrieved" for orbax's own
+  read tasks, or for futures that hold a TensorStore read error of a checkpoint
+  (their message names the OCDBT database, not orbax)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
-    return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+    orphaned = message.startswith(("Task exception was never retrieved",
+                                   "Future exception was never retrieved"))
+    return not (orphaned and ("orbax" in message or "OCDBT database" in message))
 
 
 def quiet_orphaned_reads() -> None:
@@ -355,8 +359,8 @@ def quiet_orphaned_reads() -> None:
   on TensorStore's threads and try to wake an event loop that orbax has already
   closed ("RuntimeError: Event loop is closed", or an orbax read coroutine closed
   at garbage collection), or their tasks end with the read error that nobody
-  awaits (asyncio logs "Task exception was never retrieved" when they are
-  collected): Python prints each as a traceback, long after the one error line.
+  awaits (asyncio logs "Task exception was never retrieved", or "Future ..."
+  for a TensorStore future, when they are collected): Python prints each as a traceback, long after the one error line.
   Drop those kinds, and only those (which of them appear, and through which
   hook, depends on thread timing and on when the garbage collector runs: a read
   finishing on a TensorStore thread prints its closed-loop error through
