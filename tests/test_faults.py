@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import threading
 
 import jax
@@ -237,6 +238,23 @@ def test_orphaned_read_filter_drops_only_orbax_tasks_never_retrieved():
                          "ZSTD_decompressStream() failed')>"))
   assert keep(record("Future exception was never retrieved\nfuture: <Future finished "
                      "exception=ValueError('mine')>"))
+  # The gathering future of orbax's reads (CI, the next run): its message quotes the
+  # TensorStore spec; the read error is in the exception the record carries.
+  assert not keep(record("_GatheringFuture exception was never retrieved\nfuture: "
+                         "<_GatheringFuture finished exception=Exception(\"Encountered error "
+                         "while reading array index. See full TensorStore details\")>"))
+  try:
+    try:
+      raise ValueError('FAILED_PRECONDITION: Error reading "p/0" in OCDBT database')
+    except ValueError as cause:
+      raise Exception("Encountered error while reading array index") from cause
+  except Exception:  # noqa: BLE001
+    carried = logging.LogRecord("asyncio", logging.ERROR, __file__, 1,
+                                "Future exception was never retrieved", None, sys.exc_info())
+  assert not keep(carried)
+  assert keep(logging.LogRecord("asyncio", logging.ERROR, __file__, 1,
+                                "Future exception was never retrieved", None,
+                                (ValueError, ValueError("mine"), None)))
   assert keep(record("Unclosed client session"))
 
 

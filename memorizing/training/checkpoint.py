@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import sys
+import traceback
 import zlib
 from typing import Any, Callable, Optional, Tuple
 
@@ -343,15 +344,21 @@ _QUIET_INSTALLED = False
 
 
 class _OrphanedReadTasks(logging.Filter):
-  """Drops asyncio's "Task/Future exception was never retrieved" for orbax's own
-  read tasks, or for futures that hold a TensorStore read error of a checkpoint
-  (their message names the OCDBT database, not orbax)."""
+  """Drops asyncio's "<Task|Future|_GatheringFuture> exception was never retrieved"
+  when what it holds is a checkpoint read: orbax's read tasks, or TensorStore
+  futures whose error names the checkpoint's OCDBT store (in the message, or in
+  the exception and its causes that the record carries)."""
+
+  MARKS = ("orbax", "OCDBT", "ocdbt", "TensorStore")
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
-    orphaned = message.startswith(("Task exception was never retrieved",
-                                   "Future exception was never retrieved"))
-    return not (orphaned and ("orbax" in message or "OCDBT database" in message))
+    if "exception was never retrieved" not in message.split("\n", 1)[0]:
+      return True
+    text = message
+    if record.exc_info and record.exc_info[1] is not None:
+      text += "".join(traceback.format_exception(*record.exc_info))
+    return not any(mark in text for mark in self.MARKS)
 
 
 def quiet_orphaned_reads() -> None:
@@ -359,8 +366,8 @@ def quiet_orphaned_reads() -> None:
   on TensorStore's threads and try to wake an event loop that orbax has already
   closed ("RuntimeError: Event loop is closed", or an orbax read coroutine closed
   at garbage collection), or their tasks end with the read error that nobody
-  awaits (asyncio logs "Task exception was never retrieved", or "Future ..."
-  for a TensorStore future, when they are collected): Python prints each as a traceback, long after the one error line.
+  awaits (asyncio logs "Task exception was never retrieved", or "Future ..." /
+  "_GatheringFuture ..." for TensorStore's futures, when they are collected): Python prints each as a traceback, long after the one error line.
   Drop those kinds, and only those (which of them appear, and through which
   hook, depends on thread timing and on when the garbage collector runs: a read
   finishing on a TensorStore thread prints its closed-loop error through
