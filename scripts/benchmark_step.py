@@ -498,6 +498,10 @@ def main(argv=None):
   args.batch = args.batch or (32 if args.preset == "paper" else 4)
   if args.memory_sizes is None:
     args.memory_sizes = "8192,65536,262144" if args.preset == "paper" else "1024,4096"
+  if args.memory_signals and ("device" not in args.backends.split(",")
+                              or not [s for s in args.memory_sizes.split(",") if s]):
+    p.error("--memory_signals times the device backend's memory runs again: give "
+            "--backends with device and at least one --memory_sizes")
   cfg = base_config(args)
   if not cfg.memory_layers:
     raise SystemExit("the model config names no memory layer; set memory_layers")

@@ -46,3 +46,14 @@ def test_signal_costs_pairs_each_signals_run_with_the_run_before_it():
                         tokens_per_s=1.0, flops={"total": 1.0}, main=r["memory_size"] == 0,
                         kind="baseline" if r["memory_size"] == 0 else "memory")
                    for r in results[:3]])
+
+
+def test_memory_signals_without_a_device_memory_run_is_one_clear_error(capsys):
+  import pytest
+  bench = load_benchmark_step()
+  for argv in (["--backends", "exact", "--memory_signals"],
+               ["--memory_sizes", "", "--memory_signals"]):
+    with pytest.raises(SystemExit) as e:
+      bench.main(argv)
+    assert e.value.code == 2
+    assert "--memory_signals times the device backend's memory runs" in capsys.readouterr().err

@@ -349,7 +349,7 @@ class _OrphanedReadTasks(logging.Filter):
   futures whose error names the checkpoint's OCDBT store (in the message, or in
   the exception and its causes that the record carries)."""
 
-  MARKS = ("orbax", "OCDBT", "ocdbt", "TensorStore")
+  MARKS = ("orbax", "ocdbt", "tensorstore")          # matched in lower case
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
@@ -358,6 +358,7 @@ class _OrphanedReadTasks(logging.Filter):
     text = message
     if record.exc_info and record.exc_info[1] is not None:
       text += "".join(traceback.format_exception(*record.exc_info))
+    text = text.lower()
     return not any(mark in text for mark in self.MARKS)
 
 
@@ -367,7 +368,8 @@ def quiet_orphaned_reads() -> None:
   closed ("RuntimeError: Event loop is closed", or an orbax read coroutine closed
   at garbage collection), or their tasks end with the read error that nobody
   awaits (asyncio logs "Task exception was never retrieved", or "Future ..." /
-  "_GatheringFuture ..." for TensorStore's futures, when they are collected): Python prints each as a traceback, long after the one error line.
+  "_GatheringFuture ..." for TensorStore's futures, when they are collected):
+  Python prints each as a traceback, long after the one error line.
   Drop those kinds, and only those (which of them appear, and through which
   hook, depends on thread timing and on when the garbage collector runs: a read
   finishing on a TensorStore thread prints its closed-loop error through
