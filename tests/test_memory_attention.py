@@ -155,3 +155,27 @@ def test_memory_smaller_than_segment_keeps_newest_keys():
   _, state = f(tokens(1), state, jnp.zeros((2,), bool))
   assert np.isfinite(np.asarray(logits)).all()
   np.testing.assert_array_equal(state.memory["layer_1"].count, 5)
+
+
+def test_retrieved_attention_reduce_matches_einsum_in_loss_and_gradients():
+  params = init_params(CONFIG, jax.random.PRNGKey(0))
+  state = filled_state(params)
+  results = {}
+  for impl in ("einsum", "reduce"):
+    config = CONFIG.replace(retrieved_attention=impl)
+    results[impl] = jax.value_and_grad(loss_fn)(params, state, tokens(2), jnp.zeros((2,), bool),
+                                                config)
+  (loss_e, grad_e), (loss_r, grad_r) = results["einsum"], results["reduce"]
+  np.testing.assert_allclose(loss_r, loss_e, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(grad_r), jax.tree_util.tree_leaves(grad_e)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # The memory term is in play: the memory layer's query and gate get gradients.
+  att = grad_r["block_1"]["attention"]
+  assert np.abs(np.asarray(att["memory_gate"])).min() > 0
+
+
+def test_retrieved_attention_is_checked():
+  import pytest
+  from memorizing.errors import ConfigError
+  with pytest.raises(ConfigError, match="retrieved_attention='fused'; choose one of auto"):
+    ModelConfig(retrieved_attention="fused")

@@ -82,6 +82,12 @@ class ModelConfig:
   # elsewhere: layers.one_hot_gradient_limit). The same
   # gradient either way, up to summation order: not part of a recipe.
   gather_gradient: str = "auto"
+  # How a memory layer attends over its k retrieved pairs ([B,H,L,k,D] each):
+  # "einsum" (batched dots), "reduce" (multiply and sum: elementwise fusions
+  # that read the gathered rows in their layout), "auto" (the default:
+  # memory_attention.retrieved_attention_implementation). The same result up
+  # to summation order: not part of a recipe.
+  retrieved_attention: str = "auto"
   # Initial value of the learned per-head scale on normalised q.k logits.
   logit_scale_init: float = 0.0   # 0 means sqrt(head_dim)
   # kNN memory. Layer indices may be negative (-4 is the 9th of 12).
@@ -142,6 +148,9 @@ class ModelConfig:
     if self.gather_gradient not in ("auto", "one_hot", "scatter"):
       raise ConfigError(f"ModelConfig.gather_gradient={self.gather_gradient!r}; choose one of "
                         "auto, one_hot, scatter")
+    if self.retrieved_attention not in ("auto", "einsum", "reduce"):
+      raise ConfigError(f"ModelConfig.retrieved_attention={self.retrieved_attention!r}; choose "
+                        "one of auto, einsum, reduce")
     if self.attention not in ("auto", "einsum", "remat", "cudnn", "xla"):
       raise ConfigError(f"ModelConfig.attention={self.attention!r}; choose one of "
                         "auto, einsum, remat, cudnn, xla")

@@ -52,23 +52,36 @@ def retrieve(q: jax.Array, mem: memory_lib.MemoryState, backend: KNNBackend, k: 
   return idx, valid, keys, values
 
 
-def attend_retrieved(q, keys, values, valid, scale, bias=None):
+def retrieved_attention_implementation(name: str = "auto") -> str:
+  """ModelConfig.retrieved_attention resolved: "auto" is "einsum"."""
+  return "einsum" if name == "auto" else name
+
+
+def attend_retrieved(q, keys, values, valid, scale, bias=None, impl: str = "einsum"):
   """Softmax over the retrieved pairs of each query.
 
   q [B,H,L,D], keys/values [B,H,L,k,D], valid [B,H,L,k], scale [H], bias [H]
-  or None (added to every retrieved logit). Returns (out [B,H,L,D], zero where
-  no neighbour is valid; probs [B,H,L,k] float32; log-sum-exp [B,H,L] float32,
+  or None (added to every retrieved logit); impl "einsum" (batched dots with
+  float32 accumulation) or "reduce" (products summed in float32: elementwise
+  fusions over the gathered rows). Returns (out [B,H,L,D], zero where no
+  neighbour is valid; probs [B,H,L,k] float32; log-sum-exp [B,H,L] float32,
   NEG_INF where no neighbour is valid).
   """
-  logits = jnp.einsum("bhqd,bhqkd->bhqk", q, keys.astype(q.dtype),
-                      preferred_element_type=jnp.float32)
+  if impl == "reduce":
+    logits = jnp.sum(q[:, :, :, None, :].astype(jnp.float32) * keys.astype(jnp.float32), axis=-1)
+  else:
+    logits = jnp.einsum("bhqd,bhqkd->bhqk", q, keys.astype(q.dtype),
+                        preferred_element_type=jnp.float32)
   logits = logits * scale[None, :, None, None]
   if bias is not None:
     logits = logits + bias[None, :, None, None]
   logits = jnp.where(valid, logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1) * valid
   lse = jnp.where(jnp.any(valid, axis=-1), jax.nn.logsumexp(logits, axis=-1), NEG_INF)
-  out = jnp.einsum("bhqk,bhqkd->bhqd", probs.astype(q.dtype), values.astype(q.dtype))
+  if impl == "reduce":
+    out = jnp.sum(probs[..., None] * values.astype(jnp.float32), axis=-2).astype(q.dtype)
+  else:
+    out = jnp.einsum("bhqk,bhqkd->bhqd", probs.astype(q.dtype), values.astype(q.dtype))
   return out, probs, lse
 
 
@@ -149,7 +162,9 @@ class Attention(nn.Module):
         context = SearchContext(layer=self.layer, train=train, reset=start,
                                     new_keys=jax.lax.stop_gradient(k))
         idx, valid, mem_k, mem_v = retrieve(q, mem, backend, cfg.num_neighbors, context)
-        mem_out, probs, mem_lse = attend_retrieved(q, mem_k, mem_v, valid, scale, mem_bias)
+        mem_out, probs, mem_lse = attend_retrieved(
+            q, mem_k, mem_v, valid, scale, mem_bias,
+            retrieved_attention_implementation(cfg.retrieved_attention))
         if joint:
           local_out, local_lse = out
           mass = jax.nn.sigmoid(mem_lse - local_lse)                   # [B,H,L]

@@ -38,8 +38,9 @@ from memorizing.tools.grid import primary
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEY = ("dataset", "tokenizer", "seed", "steps", "row", "eval", "commit", "recipe")
 # Fields that are not the recipe: the corpus, the seed, and how (not what) the
-# model computes (gather_gradient: the same gradient, another kernel).
-NOT_RECIPE = {"dataset", "data_dir", "seed", "tokenizer", "vocab_size", "gather_gradient"}
+# model computes (gather_gradient, retrieved_attention: the same numbers, another kernel).
+NOT_RECIPE = {"dataset", "data_dir", "seed", "tokenizer", "vocab_size", "gather_gradient",
+              "retrieved_attention"}
 # Data sets prepared from a directory, glob or .deb given as --source.
 SOURCE_DATASETS = ("text_files", "linux_c", "coq_stdlib", "perl_doc")
 MEMORY_KEYS = ("gate_mean", "memory_bias_mean", "mass_mean", "top1_mean", "topk_mean", "recall",
