@@ -82,9 +82,11 @@ class ModelConfig:
   # elsewhere: layers.one_hot_gradient_limit). The same
   # gradient either way, up to summation order: not part of a recipe.
   gather_gradient: str = "auto"
-  # How a memory layer attends over its k retrieved pairs ([B,H,L,k,D] each):
-  # "einsum" (batched dots), "reduce" (multiply and sum: elementwise fusions
-  # that read the gathered rows in their layout), "auto" (the default:
+  # How a memory layer attends over its k retrieved pairs: "einsum" (gathers
+  # them into [B,H,L,k,D] arrays, then batched dots), "reduce" (the same
+  # gathers, then multiply and sum), "pallas" (fused Pallas kernels that read
+  # the rows from the memory by index: no [B,H,L,k,D] array; GPU, interpret
+  # mode elsewhere), "auto" (the default:
   # memory_attention.retrieved_attention_implementation). The same result up
   # to summation order: not part of a recipe.
   retrieved_attention: str = "auto"
@@ -148,9 +150,9 @@ class ModelConfig:
     if self.gather_gradient not in ("auto", "one_hot", "scatter"):
       raise ConfigError(f"ModelConfig.gather_gradient={self.gather_gradient!r}; choose one of "
                         "auto, one_hot, scatter")
-    if self.retrieved_attention not in ("auto", "einsum", "reduce"):
+    if self.retrieved_attention not in ("auto", "einsum", "reduce", "pallas"):
       raise ConfigError(f"ModelConfig.retrieved_attention={self.retrieved_attention!r}; choose "
-                        "one of auto, einsum, reduce")
+                        "one of auto, einsum, reduce, pallas")
     if self.attention not in ("auto", "einsum", "remat", "cudnn", "xla"):
       raise ConfigError(f"ModelConfig.attention={self.attention!r}; choose one of "
                         "auto, einsum, remat, cudnn, xla")

@@ -34,7 +34,9 @@ import jax
 import jax.numpy as jnp
 
 from memorizing.knn_api import KNNBackend, SearchContext
+from memorizing.knn.sharding import per_device_rows
 from memorizing.model import memory as memory_lib
+from memorizing.model import pallas_retrieved
 from memorizing.model import signals as signals_lib
 from memorizing.model.config import ModelConfig
 from memorizing.model.layers import NEG_INF, XLCache, l2_normalize, xl_attention
@@ -53,8 +55,21 @@ def retrieve(q: jax.Array, mem: memory_lib.MemoryState, backend: KNNBackend, k: 
 
 
 def retrieved_attention_implementation(name: str = "auto") -> str:
-  """ModelConfig.retrieved_attention resolved: "auto" is "einsum"."""
+  """ModelConfig.retrieved_attention resolved: "auto" is "einsum"; "pallas":
+  fused kernels (memorizing/model/pallas_retrieved.py; interpret mode off a GPU)."""
   return "einsum" if name == "auto" else name
+
+
+def retrieved_softmax(sims, valid, scale, bias=None):
+  """probs [B,H,L,k] and log-sum-exp [B,H,L] (NEG_INF: no valid neighbour) of
+  the logits sims * scale (+ bias), sims [B,H,L,k] float32 (q . key)."""
+  logits = sims * scale[None, :, None, None]
+  if bias is not None:
+    logits = logits + bias[None, :, None, None]
+  logits = jnp.where(valid, logits, NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1) * valid
+  lse = jnp.where(jnp.any(valid, axis=-1), jax.nn.logsumexp(logits, axis=-1), NEG_INF)
+  return probs, lse
 
 
 def attend_retrieved(q, keys, values, valid, scale, bias=None, impl: str = "einsum"):
@@ -68,21 +83,32 @@ def attend_retrieved(q, keys, values, valid, scale, bias=None, impl: str = "eins
   NEG_INF where no neighbour is valid).
   """
   if impl == "reduce":
-    logits = jnp.sum(q[:, :, :, None, :].astype(jnp.float32) * keys.astype(jnp.float32), axis=-1)
+    sims = jnp.sum(q[:, :, :, None, :].astype(jnp.float32) * keys.astype(jnp.float32), axis=-1)
   else:
-    logits = jnp.einsum("bhqd,bhqkd->bhqk", q, keys.astype(q.dtype),
-                        preferred_element_type=jnp.float32)
-  logits = logits * scale[None, :, None, None]
-  if bias is not None:
-    logits = logits + bias[None, :, None, None]
-  logits = jnp.where(valid, logits, NEG_INF)
-  probs = jax.nn.softmax(logits, axis=-1) * valid
-  lse = jnp.where(jnp.any(valid, axis=-1), jax.nn.logsumexp(logits, axis=-1), NEG_INF)
+    sims = jnp.einsum("bhqd,bhqkd->bhqk", q, keys.astype(q.dtype),
+                      preferred_element_type=jnp.float32)
+  probs, lse = retrieved_softmax(sims, valid, scale, bias)
   if impl == "reduce":
     out = jnp.sum(probs[..., None] * values.astype(jnp.float32), axis=-2).astype(q.dtype)
   else:
     out = jnp.einsum("bhqk,bhqkd->bhqd", probs.astype(q.dtype), values.astype(q.dtype))
   return out, probs, lse
+
+
+def fused_attention_per_device(q, mem: memory_lib.MemoryState, idx, valid, scale, bias=None):
+  """pallas_retrieved.fused_retrieved_attention on each device's own rows (the
+  kernels are opaque to XLA's partitioner, which would gather sharded rows);
+  interpret mode off a GPU. Returns out [B,H,L,D], lse [B,H,L], sims [B,H,L,k]."""
+  b, h = q.shape[:2]
+  bias = jnp.zeros((h,), jnp.float32) if bias is None else bias
+  per_row = lambda x: jnp.broadcast_to(x.astype(jnp.float32)[None], (b, h))
+  interpret = jax.default_backend() != "gpu"
+
+  def run(_, q_, keys, values, idx_, valid_, scale_, bias_):
+    return pallas_retrieved.fused_retrieved_attention(
+        q_, keys, values, idx_, valid_, scale_[0], bias_[0], interpret=interpret)
+  return per_device_rows(run, (q, mem.keys, mem.values, idx, valid, per_row(scale),
+                               per_row(bias)), 3)
 
 
 def memory_attention(q: jax.Array, mem: memory_lib.MemoryState, scale: jax.Array,
@@ -161,10 +187,17 @@ class Attention(nn.Module):
                            "memorizing.knn.make_backend(config))")
         context = SearchContext(layer=self.layer, train=train, reset=start,
                                     new_keys=jax.lax.stop_gradient(k))
-        idx, valid, mem_k, mem_v = retrieve(q, mem, backend, cfg.num_neighbors, context)
-        mem_out, probs, mem_lse = attend_retrieved(
-            q, mem_k, mem_v, valid, scale, mem_bias,
-            retrieved_attention_implementation(cfg.retrieved_attention))
+        impl_r = retrieved_attention_implementation(cfg.retrieved_attention)
+        if impl_r == "pallas":
+          # Fused kernels read the retrieved rows from the memory by index.
+          idx, valid = backend.search(jax.lax.stop_gradient(q), mem, cfg.num_neighbors, context)
+          mem_out, mem_lse, sims = fused_attention_per_device(q, mem, idx, valid, scale, mem_bias)
+          probs = None
+          reads = (mem_out, sims)
+        else:
+          idx, valid, mem_k, mem_v = retrieve(q, mem, backend, cfg.num_neighbors, context)
+          mem_out, probs, mem_lse = attend_retrieved(q, mem_k, mem_v, valid, scale, mem_bias, impl_r)
+          reads = (mem_k, mem_v)
         if joint:
           local_out, local_lse = out
           mass = jax.nn.sigmoid(mem_lse - local_lse)                   # [B,H,L]
@@ -178,14 +211,18 @@ class Attention(nn.Module):
           out = (g * mem_out.astype(jnp.float32) + (1.0 - g) * out.astype(jnp.float32)).astype(out.dtype)
         signals = None
         if self.is_mutable_collection("signals"):
+          if probs is None:
+            probs, _ = retrieved_softmax(sims, valid, scale, mem_bias)
+          else:
+            sims = jnp.einsum("bhqd,bhqkd->bhqk", q.astype(jnp.float32), mem_k.astype(jnp.float32))
           signals = signals_lib.layer_signals(
-              q=q, keys=mem_k, valid=valid, idx=idx, mem=mem, mem_probs=probs * mass[..., None],
+              q=q, sims=sims, valid=valid, idx=idx, mem=mem, mem_probs=probs * mass[..., None],
               mass=mass, gate=reported, segment_length=cfg.segment_length,
               use_xl_cache=cfg.use_xl_cache, recall_k=cfg.num_neighbors,
               gate_name=reported_name)
           self.sow("signals", "memory", signals)
         # The append after every read of the old memory, so that it writes in place.
-        new_mem = memory_lib.append(mem, *memory_lib.after_reads((mem_k, mem_v, signals), k, v))
+        new_mem = memory_lib.append(mem, *memory_lib.after_reads((reads, signals), k, v))
       elif cfg.memory_combine == "gate":
         # Memory disabled: the memory term is zero, local attention keeps (1 - g).
         g = gate[None, :, None, None]

@@ -95,19 +95,20 @@ def sampled_recall(q: jax.Array, mem: MemoryState, idx: jax.Array, valid: jax.Ar
   return jnp.sum(hits).astype(jnp.float32), jnp.sum(exact_ok).astype(jnp.float32)
 
 
-def layer_signals(*, q, keys, valid, idx, mem: MemoryState, mem_probs, mass, gate,
+def layer_signals(*, q, sims, valid, idx, mem: MemoryState, mem_probs, mass, gate,
                   segment_length: int, use_xl_cache: bool, recall_k: int,
                   gate_name: str = "gate") -> Dict[str, jax.Array]:
   """The sums of one memory layer for one segment (shapes in the module doc).
 
-  q [B,H,L,D] normalised queries; keys [B,H,L,k,D] retrieved keys; valid, idx
+  q [B,H,L,D] normalised queries; sims [B,H,L,k] q . key of each retrieved
+  key (cosine similarity); valid, idx
   [B,H,L,k]; mem the memory searched (after reset, before append); mem_probs
   [B,H,L,k] each neighbour's share of the query's whole attention; mass
   [B,H,L] the memory's share; gate [H], reported as `gate_name`.
   """
   f32 = jnp.float32
   validf = valid.astype(f32)
-  sims = jnp.einsum("bhqd,bhqkd->bhqk", q.astype(f32), keys.astype(f32))
+  sims = sims.astype(f32)
   has_any = jnp.any(valid, axis=-1)                                # [B,H,L]
   top1 = jnp.max(jnp.where(valid, sims, -jnp.inf), axis=-1)
   bucket = distance_bucket(idx, mem, segment_length, use_xl_cache)
