@@ -20,6 +20,7 @@ def test_classify_names_gpu_ops_by_kind():
   assert c("bitcast") == profile_ops.OTHER
   # The device search's Pallas kernel as the H200 trace named it (commit 5131a8c).
   assert c("_bucket_kernel") == "Pallas / Triton kernel"
+  assert c("_retrieved_fwd_kernel") == c("_retrieved_bwd_kernel") == "Pallas / Triton kernel"
 
 
 def test_hlo_index_reads_a_fusions_body_not_its_operand_names():

@@ -26,19 +26,24 @@ import jax.numpy as jnp
 from memorizing.errors import ConfigError
 
 NEG_INF = -1e30      # as memorizing.model.layers.NEG_INF (not imported: no cycle)
+# Queries per program and warps: on one H200 at the paper's shapes (batch 32, k 32,
+# head dim 128, 65K memory) 32 x 4 and 64 x 8 took 2.80 ms forward + backward,
+# 64 x 4 and 128 x 8 4.80 ms (docs/benchmark_step.md; scripts/benchmark_retrieved.py).
+BLOCK_Q = 32
+NUM_WARPS = 4
 
 
 def _pow2(x: int) -> bool:
   return x >= 1 and x & (x - 1) == 0
 
 
-def supported(head_dim: int, k: int, length: int, block_q: int = 64) -> bool:
+def supported(head_dim: int, k: int, length: int, block_q: int = BLOCK_Q) -> bool:
   """Whether the kernels take these shapes (Triton blocks are powers of two)."""
   return _pow2(head_dim) and _pow2(k) and length % min(
       block_q, length) == 0 and _pow2(min(block_q, length))
 
 
-def _fwd_kernel(q_ref, idx_ref, a_ref, b_ref, k_ref, v_ref, out_ref, lse_ref, s_ref, *, num_k):
+def _retrieved_fwd_kernel(q_ref, idx_ref, a_ref, b_ref, k_ref, v_ref, out_ref, lse_ref, s_ref, *, num_k):
   """One program: `block_q` queries of one (row, head).
 
   q_ref [bq, D], idx_ref [bq, k] int32 (-1: invalid), a_ref, b_ref [bq]
@@ -72,7 +77,7 @@ def _fwd_kernel(q_ref, idx_ref, a_ref, b_ref, k_ref, v_ref, out_ref, lse_ref, s_
   lse_ref[...] = jnp.where(has, m + jnp.log(safe_l), NEG_INF)
 
 
-def _bwd_kernel(q_ref, idx_ref, a_ref, b_ref, k_ref, v_ref, out_ref, lse_ref, dout_ref, dlse_ref,
+def _retrieved_bwd_kernel(q_ref, idx_ref, a_ref, b_ref, k_ref, v_ref, out_ref, lse_ref, dout_ref, dlse_ref,
                 dq_ref, da_ref, db_ref, *, num_k):
   """Gradient of one program's queries: dq [bq, D], da, db [bq] (of the
   per-query scale and bias), from d out [bq, D] and d lse [bq].
@@ -140,7 +145,7 @@ def _forward(q, a, b, keys, values, idx, block_q, num_warps, interpret):
   bh, length, d = q.shape
   k = idx.shape[-1]
   out, lse, s = _call(
-      functools.partial(_fwd_kernel, num_k=k),
+      functools.partial(_retrieved_fwd_kernel, num_k=k),
       [(q, "q"), (idx, "q"), (a, "q"), (b, "q"), (keys, "mem"), (values, "mem")],
       [(jax.ShapeDtypeStruct((bh, length, d), jnp.float32), "q"),
        (jax.ShapeDtypeStruct((bh, length), jnp.float32), "q"),
@@ -157,7 +162,7 @@ def _fused_bwd(block_q, num_warps, interpret, res, cotangents):
   q, a, b, keys, values, idx, out, lse = res
   dout, dlse, _ = cotangents          # sims carry no gradient
   dq, da, db = _call(
-      functools.partial(_bwd_kernel, num_k=idx.shape[-1]),
+      functools.partial(_retrieved_bwd_kernel, num_k=idx.shape[-1]),
       [(q, "q"), (idx, "q"), (a, "q"), (b, "q"), (keys, "mem"), (values, "mem"), (out, "q"),
        (lse, "q"), (dout.astype(jnp.float32), "q"), (dlse.astype(jnp.float32), "q")],
       [(jax.ShapeDtypeStruct(q.shape, jnp.float32), "q"),
@@ -172,7 +177,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def fused_retrieved_attention(q: jax.Array, keys: jax.Array, values: jax.Array, idx: jax.Array,
                               valid: jax.Array, scale: jax.Array, bias: Optional[jax.Array] = None,
-                              block_q: int = 64, num_warps: int = 4, interpret: bool = False
+                              block_q: int = BLOCK_Q, num_warps: int = NUM_WARPS,
+                              interpret: bool = False
                               ) -> Tuple[jax.Array, jax.Array, jax.Array]:
   """Softmax attention of each query over its k retrieved memory slots.
 

@@ -28,8 +28,10 @@ import jax
 CLASSES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("attention (cuDNN / flash)", ("fmha", "flash", "cudnn$")),
     # On a GPU a Pallas kernel's events carry its Python function's name: the
-    # project's kernels are named *_kernel in memorizing/knn/pallas_buckets.py.
-    ("Pallas / Triton kernel", ("pallas", "mosaic", "__gpu$xla.gpu.triton", "_bucket_kernel")),
+    # project's kernels (memorizing/knn/pallas_buckets.py,
+    # memorizing/model/pallas_retrieved.py).
+    ("Pallas / Triton kernel", ("pallas", "mosaic", "__gpu$xla.gpu.triton", "_bucket_kernel",
+                                "_retrieved_fwd_kernel", "_retrieved_bwd_kernel")),
     ("matmul", ("gemm", "cublas", "matmul", "dot", "convolution", "nvjet", "xmma", "cutlass")),
     ("top-k / sort", ("topk", "top_k", "top-k", "sort", "approx")),
     ("memory write (scatter / dynamic-update-slice)", ("scatter", "dynamic-update-slice",
