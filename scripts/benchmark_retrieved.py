@@ -99,7 +99,7 @@ def main(argv=None):
   p.add_argument("--k", type=int, default=32)
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--impls", default="einsum,reduce,pallas")
-  p.add_argument("--pallas_configs", default="32x4,16x4,32x2,32x8,64x8",
+  p.add_argument("--pallas_configs", default="16x4,8x4,16x8,32x8,64x16",
                  help="block_q x num_warps of the fused kernels, comma-separated")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--seed", type=int, default=0)

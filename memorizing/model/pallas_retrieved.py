@@ -29,7 +29,7 @@ NEG_INF = -1e30      # as memorizing.model.layers.NEG_INF (not imported: no cycl
 # Queries per program and warps: on one H200 at the paper's shapes (batch 32, k 32,
 # head dim 128, 65K memory) 32 x 4 and 64 x 8 took 2.80 ms forward + backward,
 # 64 x 4 and 128 x 8 4.80 ms (docs/benchmark_step.md; scripts/benchmark_retrieved.py).
-BLOCK_Q = 32
+BLOCK_Q = 16
 NUM_WARPS = 4
 
 
