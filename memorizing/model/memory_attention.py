@@ -54,10 +54,17 @@ def retrieve(q: jax.Array, mem: memory_lib.MemoryState, backend: KNNBackend, k: 
   return idx, valid, keys, values
 
 
-def retrieved_attention_implementation(name: str = "auto") -> str:
-  """ModelConfig.retrieved_attention resolved: "auto" is "einsum"; "pallas":
-  fused kernels (memorizing/model/pallas_retrieved.py; interpret mode off a GPU)."""
-  return "einsum" if name == "auto" else name
+def retrieved_attention_implementation(name: str = "auto", head_dim: int = 0, k: int = 0,
+                                       length: int = 0) -> str:
+  """ModelConfig.retrieved_attention resolved for a layer of these shapes: "auto"
+  is "pallas" (fused kernels, memorizing/model/pallas_retrieved.py) on a GPU
+  where the shapes suit them, else "einsum"; "pallas" runs the kernels in
+  interpret mode off a GPU."""
+  if name != "auto":
+    return name
+  if jax.default_backend() == "gpu" and pallas_retrieved.supported(head_dim, k, length):
+    return "pallas"
+  return "einsum"
 
 
 def retrieved_softmax(sims, valid, scale, bias=None):
@@ -187,7 +194,8 @@ class Attention(nn.Module):
                            "memorizing.knn.make_backend(config))")
         context = SearchContext(layer=self.layer, train=train, reset=start,
                                     new_keys=jax.lax.stop_gradient(k))
-        impl_r = retrieved_attention_implementation(cfg.retrieved_attention)
+        impl_r = retrieved_attention_implementation(cfg.retrieved_attention, cfg.head_dim,
+                                                    cfg.num_neighbors, length)
         if impl_r == "pallas":
           # Fused kernels read the retrieved rows from the memory by index.
           idx, valid = backend.search(jax.lax.stop_gradient(q), mem, cfg.num_neighbors, context)

@@ -27,9 +27,10 @@ from memorizing.errors import ConfigError
 
 NEG_INF = -1e30      # as memorizing.model.layers.NEG_INF (not imported: no cycle)
 # Queries per program and warps: on one H200 at the paper's shapes (batch 32, k 32,
-# head dim 128, 65K memory) 32 x 4 and 64 x 8 took 2.80 ms forward + backward,
-# 64 x 4 and 128 x 8 4.80 ms (docs/benchmark_step.md; scripts/benchmark_retrieved.py).
-BLOCK_Q = 16
+# head dim 128, 65K memory) forward + backward took 1.36 ms at 8 x 4, 1.42-1.60 ms
+# at 16 x 4, 16 x 8 and 32 x 8, 2.80 ms at 32 x 4, 4.8 ms at 64 x 4
+# (docs/benchmark_step.md; scripts/benchmark_retrieved.py).
+BLOCK_Q = 8
 NUM_WARPS = 4
 
 
