@@ -69,6 +69,10 @@ def test_device_pallas_kernel_takes_inputs_pinned_to_one_device_when_no_mesh_is_
   check(results, "device_pallas_host_inputs")
 
 
+def test_fused_retrieved_attention_rows_sharded_over_4_devices_equals_one_device_einsum(results):
+  check(results, "device_fused_retrieved_attention_sharded")
+
+
 @pytest.mark.skipif(not HAVE_SCANN, reason="scann not installed")
 # Slow (34 s): ScaNN over 4 devices is also covered end to end in the default suite by
 # tests/test_train.py::test_four_devices_with_per_device_scann_searches_give_the_exact_losses.
@@ -197,6 +201,49 @@ def _main(group):
 
   if group == "device":
     run("device_pallas_host_inputs", host_inputs)
+
+  def fused_retrieved_attention_sharded():
+    # The memory layer's fused retrieved attention (Pallas kernels, interpret
+    # mode here) with the rows over 4 devices: loss and gradients of the
+    # one-device einsum path, and no memory moved across devices.
+    from memorizing.model.config import ModelConfig
+    from memorizing.model.decoder import Decoder, init_carried_state, init_params
+    cfg = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=2, head_dim=16,
+                      mlp_dim=64, segment_length=16, memory_layers=(1,), memory_size=128,
+                      num_neighbors=8, knn_backend="device",
+                      knn_options=(("impl", "xla"), ("num_buckets", 16)))
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    params["block_1"]["attention"]["memory_gate"] = jnp.full((2,), 1.0)
+    rng = np.random.default_rng(0)
+    toks = [jnp.asarray(rng.integers(0, 64, (8, 16)), jnp.int32) for _ in range(3)]
+    model = Decoder(cfg, knn.make_backend(cfg))
+    state = init_carried_state(cfg, 8)
+    for t, tok in enumerate(toks[:2]):
+      _, state = jax.jit(lambda st, x, s: model.apply({"params": params}, x, st, s))(
+          state, tok, jnp.full((8,), t == 0))
+    start = jnp.zeros((8,), bool)
+
+    def loss(p, st, tok, s, config):
+      logits, _ = Decoder(config, knn.make_backend(config)).apply({"params": p}, tok, st, s)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+    grad = lambda config: jax.value_and_grad(lambda p, st, tok, s: loss(p, st, tok, s, config))
+    want = jax.jit(grad(cfg.replace(retrieved_attention="einsum")))(params, state, toks[2], start)
+    repl = NamedSharding(mesh, P())
+    fused = jax.jit(grad(cfg.replace(retrieved_attention="pallas")),
+                    in_shardings=(repl, rows, rows, rows))
+    args = (jax.device_put(params, repl), put(state), put(toks[2]), put(start))
+    with declared():
+      got = fused(*args)
+      hlo = fused.lower(*args).compile().as_text()
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(want[1])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    moved = [ln.strip()[:160] for ln in hlo.splitlines() if "all-gather(" in ln or "all-to-all(" in ln]
+    assert not moved, "memory moved across devices:\n" + "\n".join(moved)
+
+  if group == "device":
+    run("device_fused_retrieved_attention_sharded", fused_retrieved_attention_sharded)
 
   if group == "scann":
     from memorizing.knn.scann_host import ScannBackend

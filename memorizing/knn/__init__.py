@@ -16,7 +16,7 @@ import inspect
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from memorizing.errors import ConfigError, UnknownBackendError
-from memorizing.knn.sharding import mesh_context, per_device_rows
+from memorizing.model.sharding import mesh_context, per_device_rows
 from memorizing.knn_api import KNNBackend, SearchContext
 from memorizing.model.config import ModelConfig
 from memorizing.model.memory import gather

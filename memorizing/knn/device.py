@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from memorizing.errors import ConfigError
 from memorizing.knn.buckets import buckets_for_recall, buckets_xla
 from memorizing.knn.pallas_buckets import buckets_pallas, packed_mode, pallas_chunk
-from memorizing.knn.sharding import per_device_rows
+from memorizing.model.sharding import per_device_rows
 from memorizing.knn.topk import slot_bias, top_k_padded
 from memorizing.knn_api import KNNBackend
 from memorizing.model.memory import MemoryState

@@ -79,7 +79,7 @@ from jax.experimental import io_callback
 
 from memorizing.errors import ConfigError
 from memorizing.knn_api import KNNBackend, SearchContext
-from memorizing.knn.sharding import per_device_rows
+from memorizing.model.sharding import per_device_rows
 from memorizing.model.memory import MemoryState
 
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from memorizing.knn_api import KNNBackend, SearchContext
-from memorizing.knn.sharding import per_device_rows
+from memorizing.model.sharding import per_device_rows
 from memorizing.model import memory as memory_lib
 from memorizing.model import pallas_retrieved
 from memorizing.model import signals as signals_lib

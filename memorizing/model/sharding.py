@@ -1,6 +1,7 @@
 """Running an opaque search (a host callback, a Pallas kernel) per device on its rows.
 
-Backends call `per_device_rows`; the trainer declares its mesh around the traced
+Backends and the fused retrieved attention (memory_attention.py) call
+`per_device_rows`; the trainer declares its mesh around the traced
 step with `mesh_context(mesh)`.
 """
 from __future__ import annotations
