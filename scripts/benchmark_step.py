@@ -338,7 +338,7 @@ def run_one(run, args, params_cache, train_mod):
     prof = profile_ops.trace_ops(one_step, args.profile_steps, log_dir,
                                  hlo_text=compiled.as_text())
     state = holder["state"]
-    result["profile"] = {k: prof[k] for k in ("ms_per_step", "total_ms_per_step", "ops")}
+    result["profile"] = {k: prof[k] for k in ("ms_per_step", "total_ms_per_step", "ops", "op_hlo")}
   flops = step_flops(cfg, batch, n_params)
   dev = jax.devices()[0]
   stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
@@ -579,6 +579,10 @@ def main(argv=None):
   if profiled:
     text += "\n\nDevice op time per step by op class (profile of --profile_steps steps):\n\n"
     text += profile_ops.class_table(profiled)
+    for name, prof in profiled.items():
+      text += f"\nLargest ops of {name} (ms/step, class, op: what it computes):\n"
+      for ms, cls, op in prof["ops"][:12]:
+        text += f"  {ms:7.3f}  {cls:<28} {op[:40]:<40} {prof['op_hlo'].get(op, '')[:160]}\n"
   print(text, flush=True)
   if args.json:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -68,3 +68,24 @@ def test_gpu_event_is_classed_by_its_long_name_without_operand_names():
       "long_name", "%slice.4 = f32[4]{0} slice(%sort.2), slice={[0:4]}")])
   assert profile_ops.classify(profile_ops._event_text(gemm, {})) == "matmul"
   assert profile_ops.classify(profile_ops._event_text(slice_of_sort, {})) == profile_ops.OTHER
+
+
+def test_hlo_details_name_what_a_fusion_computes_with_shapes():
+  hlo = "\n".join([
+      "HloModule jit_f",
+      "%fused_gather (p0: bf16[8,16], p1: s32[4,1]) -> bf16[16,4] {",
+      "  %p0 = bf16[8,16]{1,0} parameter(0)",
+      "  %p1 = s32[4,1]{1,0} parameter(1)",
+      "  %gather.1 = bf16[4,16]{1,0} gather(%p0, %p1), offset_dims={1}, "
+      'collapsed_slice_dims={0}, metadata={op_name="jit(f)/x"}',
+      "  ROOT %transpose.2 = bf16[16,4]{1,0} transpose(%gather.1), dimensions={1,0}",
+      "}",
+      "ENTRY %main (x: bf16[8,16], i: s32[4,1]) -> bf16[16,4] {",
+      "  %x = bf16[8,16]{1,0} parameter(0)",
+      "  %i = s32[4,1]{1,0} parameter(1)",
+      "  ROOT %input_transpose_fusion = bf16[16,4]{1,0} fusion(%x, %i), kind=kInput, "
+      "calls=%fused_gather",
+      "}"])
+  details = profile_ops.hlo_details(hlo, ["input_transpose_fusion", "missing"])
+  assert details == {"input_transpose_fusion":
+                     "bf16[16,4] fusion | bf16[4,16] gather; bf16[16,4] transpose"}
