@@ -62,9 +62,8 @@ _OPCODE = re.compile(r"(?<![\w.%\-])([a-z][a-z0-9\-]*)\(")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 
 
-def hlo_index(hlo_text: str) -> Dict[str, str]:
-  """{instruction name: its HLO line, followed by the bodies of the computations it
-  calls (a fusion's ops)}, from a compiled module's text (`compiled.as_text()`)."""
+def _parse(hlo_text: str) -> Tuple[Dict[str, str], Dict[str, List[str]]]:
+  """({instruction name: its HLO line after "="}, {computation: its lines})."""
   bodies: Dict[str, List[str]] = {}
   lines: Dict[str, str] = {}
   current = None
@@ -79,6 +78,13 @@ def hlo_index(hlo_text: str) -> Dict[str, str]:
       lines[inst.group(1)] = inst.group(2)
       if current is not None:
         bodies[current].append(inst.group(2))
+  return lines, bodies
+
+
+def hlo_index(hlo_text: str) -> Dict[str, str]:
+  """{instruction name: its HLO line, followed by the bodies of the computations it
+  calls (a fusion's ops)}, from a compiled module's text (`compiled.as_text()`)."""
+  lines, bodies = _parse(hlo_text)
   out = {}
   for name, line in lines.items():
     called = [" ".join(_opcodes(b) for b in bodies.get(c, ())) for c in _CALLS.findall(line)]
@@ -88,6 +94,7 @@ def hlo_index(hlo_text: str) -> Dict[str, str]:
 
 _LAYOUT = re.compile(r"\{[^}]*\}")
 _TYPE = re.compile(r"^\s*(\([^=]*?\)|[a-z0-9]+\[[^\]]*\](?:\{[^}]*\})?)\s+([a-z][a-z0-9\-]*)\(")
+_UNINTERESTING = ("parameter", "constant", "bitcast", "get-tuple-element")
 
 
 def hlo_details(hlo_text: str, names: Iterable[str], limit: int = 600) -> Dict[str, str]:
@@ -95,35 +102,20 @@ def hlo_details(hlo_text: str, names: Iterable[str], limit: int = 600) -> Dict[s
   their result types"} for `names` (e.g. the largest ops of a trace), so a
   fusion's row says what it reads and writes: "bf16[32,8,512,32,128] fusion |
   bf16[...] gather; bf16[...] transpose". Parameters and layouts are left out."""
-  bodies: Dict[str, List[str]] = {}
-  lines: Dict[str, str] = {}
-  current = None
-  for raw in hlo_text.splitlines():
-    comp = _COMPUTATION.match(raw)
-    if comp and "=" not in raw.split("{")[0]:
-      current = comp.group(1)
-      bodies[current] = []
-      continue
-    inst = _INSTRUCTION.match(raw)
-    if inst:
-      lines[inst.group(1)] = inst.group(2)
-      if current is not None:
-        bodies[current].append(inst.group(2))
+  lines, bodies = _parse(hlo_text)
 
   def short(line):
     m = _TYPE.match(_ATTRIBUTES.sub("", line))
-    if not m or m.group(2) in ("parameter", "constant", "bitcast", "get-tuple-element"):
+    if not m or m.group(2) in _UNINTERESTING:
       return ""
     return _LAYOUT.sub("", m.group(1)) + " " + m.group(2)
 
   out = {}
   for name in names:
-    line = lines.get(name)
-    if line is None:
-      continue
-    inner = [x for c in _CALLS.findall(line) for x in map(short, bodies.get(c, ())) if x]
-    text = short(line) + (" | " + "; ".join(inner) if inner else "")
-    out[name] = text[:limit]
+    if name in lines:
+      line = lines[name]
+      inner = [x for c in _CALLS.findall(line) for x in map(short, bodies.get(c, ())) if x]
+      out[name] = (short(line) + (" | " + "; ".join(inner) if inner else ""))[:limit]
   return out
 
 
@@ -171,6 +163,7 @@ def _op_lines(profile) -> Iterable[Tuple[Any, bool]]:
 def read_trace(log_dir: str, steps: int, hlo_text: str = "") -> Dict[str, Any]:
   """{"ms_per_step": {class: ms}, "ops": [(ms per step, class, op name)] largest first,
   "op_hlo": {op name: hlo_details of it} for those ops,
+  "op_hlo": {op name: hlo_details of it} for those ops,
   "total_ms_per_step": device op time per step, "modules": {jitted module: {class: ms
   per step}}, "planes": plane names} from the newest
   trace under `log_dir`. `hlo_text`: the compiled module's text, to classify ops by
@@ -198,6 +191,7 @@ def read_trace(log_dir: str, steps: int, hlo_text: str = "") -> Dict[str, Any]:
   ops = sorted(((ms, cls, name) for (cls, name), ms in by_op.items()), reverse=True)
   return {"ms_per_step": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
           "total_ms_per_step": sum(by_class.values()), "ops": ops[:25],
+          "op_hlo": hlo_details(hlo_text, [name for _, _, name in ops[:25]]) if hlo_text else {},
           "op_hlo": hlo_details(hlo_text, [name for _, _, name in ops[:25]]) if hlo_text else {},
           "modules": {m: dict(sorted(c.items(), key=lambda kv: -kv[1]))
                       for m, c in by_module.items()},
