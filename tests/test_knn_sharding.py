@@ -239,7 +239,8 @@ def _main(group):
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(want[1])):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
-    moved = [ln.strip()[:160] for ln in hlo.splitlines() if "all-gather(" in ln or "all-to-all(" in ln]
+    moved = [ln.strip()[:160] for ln in hlo.splitlines()
+             if "all-gather(" in ln or "all-to-all(" in ln]
     assert not moved, "memory moved across devices:\n" + "\n".join(moved)
 
   if group == "device":

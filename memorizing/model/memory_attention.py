@@ -204,7 +204,8 @@ class Attention(nn.Module):
           reads = (mem_out, sims)
         else:
           idx, valid, mem_k, mem_v = retrieve(q, mem, backend, cfg.num_neighbors, context)
-          mem_out, probs, mem_lse = attend_retrieved(q, mem_k, mem_v, valid, scale, mem_bias, impl_r)
+          mem_out, probs, mem_lse = attend_retrieved(q, mem_k, mem_v, valid, scale, mem_bias,
+                                                     impl_r)
           reads = (mem_k, mem_v)
         if joint:
           local_out, local_lse = out
