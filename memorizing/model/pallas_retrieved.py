@@ -80,8 +80,7 @@ def _retrieved_fwd_kernel(q_ref, idx_ref, a_ref, b_ref, k_ref, v_ref, out_ref, l
 
 
 def _retrieved_bwd_kernel(q_ref, idx_ref, a_ref, b_ref, k_ref, v_ref, out_ref, lse_ref, dout_ref,
-                          dlse_ref,
-                dq_ref, da_ref, db_ref, *, num_k):
+                          dlse_ref, dq_ref, da_ref, db_ref, *, num_k):
   """Gradient of one program's queries: dq [bq, D], da, db [bq] (of the
   per-query scale and bias), from d out [bq, D] and d lse [bq].
 
