@@ -211,10 +211,10 @@ def test_fused_retrieved_attention_matches_gathered_reference_with_empty_queries
                                    valid, scale, bias)
     return out, lse
 
-  def fused(q, scale, bias):
-    out, lse, _ = fused_retrieved_attention(q, keys, values, idx, valid, scale, bias,
-                                            block_q=8, interpret=True)
-    return out, lse
+  def fused(q, scale, bias, with_sims=False):
+    out, lse, sims = fused_retrieved_attention(q, keys, values, idx, valid, scale, bias,
+                                               block_q=8, interpret=True)
+    return (out, lse, sims) if with_sims else (out, lse)
 
   def loss(f):
     def g(q, scale, bias):
@@ -222,13 +222,11 @@ def test_fused_retrieved_attention_matches_gathered_reference_with_empty_queries
       return jnp.sum(out * w) + 0.3 * jnp.sum(jnp.where(lse > -1e29, lse, 0.0))
     return g
 
-  (out_r, lse_r), (out_f, lse_f) = reference(q, scale, bias), fused(q, scale, bias)
+  (out_r, lse_r), (out_f, lse_f, sims) = reference(q, scale, bias), fused(q, scale, bias, True)
   np.testing.assert_allclose(out_f, out_r, atol=1e-5)
   np.testing.assert_allclose(lse_f, lse_r, rtol=1e-6)
   np.testing.assert_array_equal(out_f[0, 0, :3], 0.0)
   assert (np.asarray(lse_f[0, 0, :3]) < -1e29).all()
-  sims = fused_retrieved_attention(q, keys, values, idx, valid, scale, bias, block_q=8,
-                                   interpret=True)[2]
   want = np.einsum("bhqd,bhqkd->bhqk", q, memory_lib.gather(keys, idx))
   np.testing.assert_allclose(np.where(valid, sims, 0), np.where(valid, want, 0), atol=1e-5)
   grads_r = jax.grad(loss(reference), argnums=(0, 1, 2))(q, scale, bias)
