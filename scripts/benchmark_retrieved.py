@@ -7,10 +7,11 @@ One memory layer's work after the search, at the paper's shapes by default
 (batch 32 x 8 heads x 512 queries, k 32, head dim 128, bf16): given fixed
 neighbour indices, the gradient of a loss of the memory attention's output and
 log-sum-exp with respect to the queries, logit scale and bias. Implementations:
-"einsum" and "reduce" (gather [B,H,L,k,D] keys and values, then XLA ops) and
+"einsum" (gather [B,H,L,k,D] keys and values, then batched dots), "reduce" (the
+same gathers, then multiply and sum in float32: a variant measured here only) and
 "pallas" (fused kernels reading the rows by index, memorizing/model/pallas_retrieved.py)
-for each --pallas_configs block_q x num_warps. Each is checked against einsum in float32
-terms (max relative error of out and of the query gradient) before it is timed.
+for each --pallas_configs block_q x num_warps. Each is compared with einsum (max
+relative difference of out and of the query gradient) after it is timed.
 Prints a table and writes JSON.
 """
 import argparse
@@ -27,7 +28,7 @@ import numpy as np
 
 from memorizing.model import memory as memory_lib
 from memorizing.model.layers import l2_normalize
-from memorizing.model.memory_attention import attend_retrieved
+from memorizing.model.memory_attention import attend_retrieved, retrieved_softmax
 from memorizing.model.pallas_retrieved import fused_retrieved_attention
 
 
@@ -52,9 +53,15 @@ def loss_and_grad(impl, block_q=64, num_warps=4, interpret=False):
       out, lse, _ = fused_retrieved_attention(q, keys, values, idx, valid, scale, bias,
                                               block_q=block_q, num_warps=num_warps,
                                               interpret=interpret)
+    elif impl == "reduce":
+      f32 = jnp.float32
+      k_, v_ = memory_lib.gather(keys, idx).astype(f32), memory_lib.gather(values, idx).astype(f32)
+      probs, lse = retrieved_softmax(jnp.sum(q[..., None, :].astype(f32) * k_, axis=-1), valid,
+                                     scale, bias)
+      out = jnp.sum(probs[..., None] * v_, axis=-2).astype(q.dtype)
     else:
       out, _, lse = attend_retrieved(q, memory_lib.gather(keys, idx),
-                                     memory_lib.gather(values, idx), valid, scale, bias, impl)
+                                     memory_lib.gather(values, idx), valid, scale, bias)
     return out, lse
 
   def loss(q, scale, bias, keys, values, idx, valid):

@@ -83,10 +83,9 @@ class ModelConfig:
   # gradient either way, up to summation order: not part of a recipe.
   gather_gradient: str = "auto"
   # How a memory layer attends over its k retrieved pairs: "einsum" (gathers
-  # them into [B,H,L,k,D] arrays, then batched dots), "reduce" (the same
-  # gathers, then multiply and sum), "pallas" (fused Pallas kernels that read
-  # the rows from the memory by index: no [B,H,L,k,D] array; GPU, interpret
-  # mode elsewhere), "auto" (the default:
+  # them into [B,H,L,k,D] arrays, then batched dots), "pallas" (fused Pallas
+  # kernels that read the rows from the memory by index: no [B,H,L,k,D] array;
+  # GPU, interpret mode elsewhere), "auto" (the default:
   # memory_attention.retrieved_attention_implementation). The same result up
   # to summation order: not part of a recipe.
   retrieved_attention: str = "auto"
@@ -150,9 +149,9 @@ class ModelConfig:
     if self.gather_gradient not in ("auto", "one_hot", "scatter"):
       raise ConfigError(f"ModelConfig.gather_gradient={self.gather_gradient!r}; choose one of "
                         "auto, one_hot, scatter")
-    if self.retrieved_attention not in ("auto", "einsum", "reduce", "pallas"):
+    if self.retrieved_attention not in ("auto", "einsum", "pallas"):
       raise ConfigError(f"ModelConfig.retrieved_attention={self.retrieved_attention!r}; choose "
-                        "one of auto, einsum, reduce, pallas")
+                        "one of auto, einsum, pallas")
     if self.attention not in ("auto", "einsum", "remat", "cudnn", "xla"):
       raise ConfigError(f"ModelConfig.attention={self.attention!r}; choose one of "
                         "auto, einsum, remat, cudnn, xla")

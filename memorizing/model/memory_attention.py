@@ -79,26 +79,18 @@ def retrieved_softmax(sims, valid, scale, bias=None):
   return probs, lse
 
 
-def attend_retrieved(q, keys, values, valid, scale, bias=None, impl: str = "einsum"):
+def attend_retrieved(q, keys, values, valid, scale, bias=None):
   """Softmax over the retrieved pairs of each query.
 
   q [B,H,L,D], keys/values [B,H,L,k,D], valid [B,H,L,k], scale [H], bias [H]
-  or None (added to every retrieved logit); impl "einsum" (batched dots with
-  float32 accumulation) or "reduce" (products summed in float32: elementwise
-  fusions over the gathered rows). Returns (out [B,H,L,D], zero where no
-  neighbour is valid; probs [B,H,L,k] float32; log-sum-exp [B,H,L] float32,
+  or None (added to every retrieved logit). Returns (out [B,H,L,D], zero where
+  no neighbour is valid; probs [B,H,L,k] float32; log-sum-exp [B,H,L] float32,
   NEG_INF where no neighbour is valid).
   """
-  if impl == "reduce":
-    sims = jnp.sum(q[:, :, :, None, :].astype(jnp.float32) * keys.astype(jnp.float32), axis=-1)
-  else:
-    sims = jnp.einsum("bhqd,bhqkd->bhqk", q, keys.astype(q.dtype),
-                      preferred_element_type=jnp.float32)
+  sims = jnp.einsum("bhqd,bhqkd->bhqk", q, keys.astype(q.dtype),
+                    preferred_element_type=jnp.float32)
   probs, lse = retrieved_softmax(sims, valid, scale, bias)
-  if impl == "reduce":
-    out = jnp.sum(probs[..., None] * values.astype(jnp.float32), axis=-2).astype(q.dtype)
-  else:
-    out = jnp.einsum("bhqk,bhqkd->bhqd", probs.astype(q.dtype), values.astype(q.dtype))
+  out = jnp.einsum("bhqk,bhqkd->bhqd", probs.astype(q.dtype), values.astype(q.dtype))
   return out, probs, lse
 
 
@@ -204,8 +196,7 @@ class Attention(nn.Module):
           reads = (mem_out, sims)
         else:
           idx, valid, mem_k, mem_v = retrieve(q, mem, backend, cfg.num_neighbors, context)
-          mem_out, probs, mem_lse = attend_retrieved(q, mem_k, mem_v, valid, scale, mem_bias,
-                                                     impl_r)
+          mem_out, probs, mem_lse = attend_retrieved(q, mem_k, mem_v, valid, scale, mem_bias)
           reads = (mem_k, mem_v)
         if joint:
           local_out, local_lse = out
