@@ -121,6 +121,9 @@ def test_gather_gradient_is_checked_and_not_part_of_a_recipe(tmp_path):
                       spec["evals"])
     return protocol.recipe_and_rows(spec["gin_file"], jobs, 2500)
   assert recipe() == recipe("ModelConfig.gather_gradient = 'scatter'")
+  # Nor how the memory layer attends over its retrieved rows (same numbers, another kernel).
+  assert recipe() == recipe("ModelConfig.retrieved_attention = 'einsum'")
+  assert recipe() != recipe("ModelConfig.num_neighbors = 16")      # the check can fail
 
 
 def load_benchmark_step():

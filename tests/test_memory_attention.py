@@ -180,11 +180,17 @@ def test_fused_retrieved_attention_gives_the_einsum_models_loss_and_gradients():
     assert np.abs(np.asarray(grad_e["block_1"]["attention"][name])).min() > 0
 
 
-def test_retrieved_attention_is_checked():
+def test_retrieved_attention_is_checked_and_the_kernels_say_which_shapes_they_take():
   import pytest
   from memorizing.errors import ConfigError
+  from memorizing.model.pallas_retrieved import fused_retrieved_attention
   with pytest.raises(ConfigError, match="retrieved_attention='fused'; choose one of auto"):
     ModelConfig(retrieved_attention="fused")
+  q = jnp.zeros((1, 1, 8, 12))                 # head_dim 12: not a power of two
+  mem = jnp.zeros((1, 1, 16, 12))
+  idx, valid = jnp.zeros((1, 1, 8, 4), jnp.int32), jnp.ones((1, 1, 8, 4), bool)
+  with pytest.raises(ConfigError, match="powers of two; got head_dim=12, k=4"):
+    fused_retrieved_attention(q, mem, mem, idx, valid, jnp.ones((1,)), interpret=True)
 
 
 def test_fused_retrieved_attention_matches_gathered_reference_with_empty_queries():

@@ -54,8 +54,7 @@ def retrieve(q: jax.Array, mem: memory_lib.MemoryState, backend: KNNBackend, k: 
   return idx, valid, keys, values
 
 
-def retrieved_attention_implementation(name: str = "auto", head_dim: int = 0, k: int = 0,
-                                       length: int = 0) -> str:
+def retrieved_attention_implementation(name: str, head_dim: int, k: int, length: int) -> str:
   """ModelConfig.retrieved_attention resolved for a layer of these shapes: "auto"
   is "pallas" (fused kernels, memorizing/model/pallas_retrieved.py) on a GPU
   where the shapes suit them, else "einsum"; "pallas" runs the kernels in
