@@ -81,18 +81,26 @@ def _tune_configs(which):
       (192, "offset", 128, 16, 3, "queries"),
       (256, "max", 128, 16, 3, "queries"), (256, "max", 64, 8, 3, "queries"),
       (128, "max", 128, 16, 3, "queries")]
+  tune4 = [   # packed="float" (fmax, bias only in partial blocks) against the offset default
+      (256, "offset", 128, 16, 3, "queries"), (256, "float", 128, 16, 3, "queries"),
+      (256, "float", 128, 8, 3, "queries"), (256, "float", 128, 8, 2, "queries"),
+      (256, "float", 128, 16, 2, "queries"), (256, "float", 64, 4, 2, "queries"),
+      (256, "float", 64, 8, 3, "queries"), (256, "offset", 128, 8, 3, "queries"),
+      (256, "float", 128, 16, 3, "queries", 64), (256, "float", 128, 8, 3, "queries", 256),
+      (128, "float", 128, 16, 3, "queries"), (128, "float", 128, 8, 3, "queries"),
+      (192, "float", 128, 16, 3, "queries")]
   tune3 = [
       (256, "offset", 128, 16, 3, "queries"), (256, "offset", 256, 16, 2, "queries"),
       (256, "offset", 256, 8, 2, "queries"), (256, "offset", 256, 32, 2, "queries"),
       (256, "offset", 128, 8, 3, "queries", 256), (128, "offset", 256, 16, 2, "queries")]
-  for cfg in {"tune1": tune1, "tune2": tune2, "tune3": tune3}[which]:
+  for cfg in {"tune1": tune1, "tune2": tune2, "tune3": tune3, "tune4": tune4}[which]:
     s, packed, bq, w, st, grid = cfg[:6]
     chunk = cfg[6] if len(cfg) > 6 else None
     label = (f"pallas S={s} {packed if packed else 'pair'} bq{bq} w{w} st{st} {grid}"
              + (f" chunk{chunk}" if chunk else ""))
     out.append((label, dict(base, num_buckets=s, packed=packed, block_q=bq, num_warps=w,
                             num_stages=st, grid_order=grid, chunk=chunk)))
-  if which == "tune3":
+  if which in ("tune3", "tune4"):
     pass
   elif which == "tune1":
     out.append(("pallas S=256 offset bq64 w8 st3 queries lax.top_k",
@@ -161,7 +169,11 @@ def bench_size(args, n: int, rows: list):
     count = jnp.full((b,), n, jnp.int32)
   mem = M.MemoryState(keys=keys, values=keys, pointer=jnp.zeros((b,), jnp.int32), count=count)
   mem = jax.block_until_ready(mem)
-  common = dict(n=n, batch=b, heads=h, queries=q, dim=d, k=k)
+  # What the approximate backends search: the keys in the dtype the model stores them in.
+  stored = keys.astype(args.key_dtype)
+  smem = jax.block_until_ready(M.MemoryState(keys=stored, values=stored, pointer=mem.pointer,
+                                             count=count))
+  common = dict(n=n, batch=b, heads=h, queries=q, dim=d, k=k, key_dtype=args.key_dtype)
   backends = args.backends.split(",")
 
   exact_fn = jax.jit(lambda qq, m: exact_search(qq, m, k))
@@ -189,9 +201,9 @@ def bench_size(args, n: int, rows: list):
         continue
       try:
         fn, be = _search_fn(opts, k)
-        i, v = fn(queries, mem)
+        i, v = fn(queries, smem)
         r = synthetic.recall(i, v, ei, ev) if be else None
-        ms = time_fn(fn, queries, mem, repeats=args.repeats)
+        ms = time_fn(fn, queries, smem, repeats=args.repeats)
         rows.append(dict(common, backend="device", config=label, options=opts,
                          resolved_impl=be.resolved_impl(d, k) if be else "pallas", ms=ms,
                          recall=r))
@@ -271,12 +283,18 @@ def main():
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--scann_steps", type=int, default=4)
   p.add_argument("--output", default=None)
-  p.add_argument("--configs", default="table", choices=("table", "tune1", "tune2", "tune3"),
+  p.add_argument("--configs", default="table", choices=("table", "tune1", "tune2", "tune3", "tune4"),
                  help="device backend rows: docs/knn.md's table, or a tuning sweep")
   p.add_argument("--keys_file", default=None,
                  help="npz from scripts/capture_keys.py: benchmark on a model's real keys "
                       "and queries (its shape replaces --sizes/--dims/--batch/--heads/--queries)")
+  p.add_argument("--key_dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                 help="dtype of the stored keys: auto = the memory's dtype in the model on this "
+                      "platform (its compute dtype: bfloat16 on GPU/TPU, float32 on CPU); the "
+                      "exact reference always scores the float32 keys")
   args = p.parse_args()
+  if args.key_dtype == "auto":
+    args.key_dtype = "float32" if on_cpu else "bfloat16"
   if args.keys_file:
     shape = np.load(args.keys_file)["keys"].shape
     args.batch, args.heads, args.sizes, args.dims = shape[0], shape[1], str(shape[2]), str(shape[3])

@@ -52,12 +52,13 @@ def test_device_pallas_kernel_in_interpret_mode_matches_xla():
   np.testing.assert_array_equal(np.where(a[1], a[0], -1), np.where(b[1], b[0], -1))
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas", "exact"])
-def test_device_never_marks_slots_beyond_count_valid(impl):
+@pytest.mark.parametrize("impl, packed", [("xla", "offset"), ("pallas", "offset"),
+                                           ("pallas", "float"), ("exact", "offset")])
+def test_device_never_marks_slots_beyond_count_valid(impl, packed):
   keys, queries = synthetic.synthetic_memory(jax.random.PRNGKey(2), 3, 2, 700, 16, 32)
   count = jnp.array([0, 5, 650], jnp.int32)   # empty row, fewer than k, many buckets
   mem = M.MemoryState(keys=keys, values=keys, pointer=count, count=count)
-  be = device.DeviceBackend(impl=impl, num_buckets=64, block_q=16, interpret=True)
+  be = device.DeviceBackend(impl=impl, num_buckets=64, block_q=16, interpret=True, packed=packed)
   i, v = search(be, queries, mem)
   assert i.shape == v.shape == (3, 2, 16, K) and i.dtype == jnp.int32
   assert not v[0].any()                          # empty row: nothing valid
@@ -108,7 +109,8 @@ def test_device_backend_comes_from_registry_with_options():
 
 
 @pytest.mark.parametrize("packed, buckets, grid_order, chunk", [
-    (True, 64, "rows", None), ("offset", 48, "queries", None), ("offset", 192, "rows", 64)])
+    (True, 64, "rows", None), ("offset", 48, "queries", None), ("offset", 192, "rows", 64),
+    ("float", 64, "queries", None), ("float", 48, "rows", None)])
 def test_device_pallas_kernel_variants_match_xla(packed, buckets, grid_order, chunk):
   # packed int32 states, S not a power of two (column chunks), both launch orders
   keys, queries = synthetic.synthetic_memory(jax.random.PRNGKey(6), 2, 1, 1000, 24, 32)

@@ -17,9 +17,10 @@ from memorizing.knn.topk import round_up, slot_bias, top_k
 
 
 _OFFSET = 2.0   # packed="offset": scores are stored as the int32 bits of (score + 2)
+_FINITE_INVALID = -1e30   # packed="float": the bias of an invalid slot (finite: no NaN)
 
 
-def _bucket_kernel(q_ref, k_ref, bias_ref, *out_refs, num_blocks, block_k, chunk, mode,
+def _bucket_kernel(q_ref, k_ref, bias_ref, nblk_ref, *out_refs, num_blocks, block_k, chunk, mode,
                    index_bits):
   """One program: `block_q` queries of one (row, head) against all its keys.
 
@@ -37,6 +38,15 @@ def _bucket_kernel(q_ref, k_ref, bias_ref, *out_refs, num_blocks, block_k, chunk
                    add (the bias array holds 2 or -inf), one and/or, one
                    integer max; exact order for scores > -2 (unit-norm queries
                    and keys have scores in [-1, 1]); invalid slots come out negative.
+  mode "float":    per bucket the float max of the score with its low
+                   `index_bits` mantissa bits replaced by j: one and/or and one
+                   float max per score, any finite score (the replaced bits
+                   change a score by at most 2^(index_bits-23) of itself, and
+                   keep the order of scores that differ in the kept bits).
+                   nblk_ref [2] = (blocks whose slots are all valid, blocks
+                   with any valid slot): the bias (0 or -1e30, never -inf, so no
+                   NaN can form) is added only in between, and blocks past the
+                   second are skipped.
   """
   # Imported when the kernel is built: Pallas (and Triton) load only on this path.
   from jax.experimental import pallas as pl
@@ -44,12 +54,12 @@ def _bucket_kernel(q_ref, k_ref, bias_ref, *out_refs, num_blocks, block_k, chunk
   block_q = q.shape[0]
   parts = block_k // chunk
 
-  def scores(j, c):
+  def scores(j, c, with_bias=True):
     start = pl.multiple_of(j * block_k + c * chunk, chunk)
     kb = k_ref[pl.ds(start, chunk), :]                              # [chunk, D]
     sc = jax.lax.dot_general(q, kb, (((1,), (1,)), ((), ())),
                              preferred_element_type=jnp.float32)    # [block_q, chunk]
-    return sc + bias_ref[pl.ds(start, chunk)][None, :]
+    return sc + bias_ref[pl.ds(start, chunk)][None, :] if with_bias else sc
 
   if mode == "pair":
     def body(j, carry):
@@ -80,6 +90,29 @@ def _bucket_kernel(q_ref, k_ref, bias_ref, *out_refs, num_blocks, block_k, chunk
     return
 
   keep = jnp.int32(~((1 << index_bits) - 1))
+
+  if mode == "float":
+    # Two loops: blocks [0, full) hold only valid slots and skip the bias;
+    # blocks [full, live) hold the row's last valid slots (bias 0 or -1e30);
+    # blocks from `live` on hold none and are not read at all.
+    (key_ref,) = out_refs
+    full, live = nblk_ref[0], nblk_ref[1]
+
+    def step(with_bias):
+      def body(j, carry):
+        out = []
+        for c in range(parts):
+          sc = scores(j, c, with_bias)
+          bits = (jax.lax.bitcast_convert_type(sc, jnp.int32) & keep) | j
+          out.append(jnp.maximum(carry[c], jax.lax.bitcast_convert_type(bits, jnp.float32)))
+        return tuple(out)
+      return body
+    init = tuple(jnp.full((block_q, chunk), -jnp.inf, jnp.float32) for _ in range(parts))
+    state = jax.lax.fori_loop(0, full, step(False), init)
+    state = jax.lax.fori_loop(full, live, step(True), state)
+    for c in range(parts):
+      key_ref[:, pl.ds(c * chunk, chunk)] = state[c]
+    return
 
   def body(j, carry):
     out = []
@@ -127,8 +160,8 @@ def packed_mode(packed) -> str:
     return "pair"
   if packed in (True, "sortable"):
     return "sortable"
-  if packed == "offset":
-    return "offset"
+  if packed in ("offset", "float"):
+    return packed
   raise ConfigError(f"DeviceBackend packed={packed!r}; choose False, True (sortable) or 'offset'")
 
 
@@ -150,6 +183,9 @@ def buckets_pallas(queries, keys, count, num_buckets, k, compute_dtype, block_q,
   bias = slot_bias(count, n_pad)                                   # [B, n_pad]
   if mode == "offset":
     bias = bias + _OFFSET
+  if mode == "float":
+    bias = jnp.maximum(bias, _FINITE_INVALID)
+  nblk = jnp.stack([count // s, -(-count // s)], axis=1).astype(jnp.int32)   # [B, 2]
   keys = jnp.pad(keys, ((0, 0), (0, 0), (0, n_pad - n), (0, 0))).astype(compute_dtype)
   queries = jnp.pad(queries, ((0, 0), (0, 0), (0, q_pad - q), (0, 0))).astype(compute_dtype)
   qf = queries.reshape(b * h, q_pad, d)
@@ -177,17 +213,19 @@ def buckets_pallas(queries, keys, count, num_buckets, k, compute_dtype, block_q,
   qspec = pl.BlockSpec((None, block_q, d), lambda i, j: (*rowhead(i, j), 0))
   kspec = pl.BlockSpec((None, n_pad, d), lambda i, j: (rowhead(i, j)[0], 0, 0))
   bspec = pl.BlockSpec((None, n_pad), lambda i, j: (rowhead(i, j)[0] // h, 0))
+  nspec = pl.BlockSpec((None, 2), lambda i, j: (rowhead(i, j)[0] // h, 0))
   ospec = pl.BlockSpec((None, block_q, s), lambda i, j: (*rowhead(i, j), 0))
-  out_shape = {"pair": [jnp.float32, jnp.int32], "max": [jnp.float32]}.get(mode, [jnp.int32])
+  out_shape = {"pair": [jnp.float32, jnp.int32], "max": [jnp.float32],
+               "float": [jnp.float32]}.get(mode, [jnp.int32])
   outs = pl.pallas_call(
       kernel,
       grid=grid,
-      in_specs=[qspec, kspec, bspec],
+      in_specs=[qspec, kspec, bspec, nspec],
       out_specs=[ospec] * len(out_shape),
       out_shape=[jax.ShapeDtypeStruct((b * h, q_pad, s), t) for t in out_shape],
       interpret=interpret,
       **kwargs,
-  )(qf, kf, bias)
+  )(qf, kf, bias, nblk)
   outs = [o.reshape(b, h, q_pad, s)[:, :, :q] for o in outs]
   if mode == "max":
     vals, bucket = top_k(outs[0], min(k, s), top_k_impl)
@@ -199,6 +237,11 @@ def buckets_pallas(queries, keys, count, num_buckets, k, compute_dtype, block_q,
     return vals, slots.astype(jnp.int32)
   keyv, bucket = top_k(outs[0], min(k, s), top_k_impl)
   low = jnp.int32((1 << index_bits) - 1)
+  if mode == "float":
+    bits = jax.lax.bitcast_convert_type(keyv, jnp.int32)
+    vals = jax.lax.bitcast_convert_type(bits & ~low, jnp.float32)
+    vals = jnp.where(vals > _FINITE_INVALID / 2, vals, -jnp.inf)   # no valid slot in the bucket
+    return vals, ((bits & low) * s + bucket).astype(jnp.int32)
   if mode == "sortable":
     vals = _unsortable(keyv & ~low)
     vals = jnp.where(vals > -1e30, vals, -jnp.inf)      # -inf comes back as NaN: invalid
