@@ -25,7 +25,7 @@ def search(backend, queries, mem, k=K):
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 @pytest.mark.parametrize("size", [1536, 8192])
 def test_device_recall_at_least_0_9_on_structured_keys(size, impl):
-  # pallas: the GPU kernel with its default options (packed="offset", bf16), interpreted
+  # pallas: the GPU kernel with its default options (packed="float", bf16), interpreted
   keys, queries = synthetic.synthetic_memory(jax.random.PRNGKey(0), 2, 2, size, 256, 64)
   mem = full_memory(keys)
   ei, ev = ExactBackend().search(queries, mem, K)
@@ -128,7 +128,7 @@ def test_device_pallas_kernel_variants_match_xla(packed, buckets, grid_order, ch
 def test_device_default_options_are_the_documented_ones():
   be = device.DeviceBackend()
   assert (be.buckets(32), be.block_q, be.num_warps, be.num_stages, be.packed, be.grid_order,
-          be.top_k_impl) == (256, 128, 16, 3, "offset", "queries",
+          be.top_k_impl) == (256, 128, 16, 3, "float", "queries",
                              "sort" if jax.device_count() > 1 else "lax")
   with pytest.raises(ValueError, match="packed"):
     device.DeviceBackend(packed="nope")

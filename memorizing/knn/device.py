@@ -71,7 +71,15 @@ class DeviceBackend(KNNBackend):
                     H200, docs/knn.md).
     interpret:      False; True runs the Pallas kernel in interpret mode (CPU tests).
     packed:         what the Pallas kernel keeps per bucket (see _bucket_kernel):
-                    "offset" (default): one int32, the bits of (score + 2) with
+                    "float" (default): one float32, the score with its low
+                    ceil(log2(N/S)) mantissa bits replaced by the block
+                    number (relative error <= 2^(bits-23)); a score costs an
+                    and/or and a float max. Slots past the row's count are
+                    masked only in the block that holds the last valid slot;
+                    blocks after it are not read (a partly filled memory is
+                    searched in proportion to its count). 16% faster than
+                    "offset" at 65536 x 128 on an H200 (docs/knn.md).
+                    "offset": one int32, the bits of (score + 2) with
                     the block number in the low ceil(log2(N/S)) bits (score
                     error <= 2^(bits-22)); exact order for scores > -2, which
                     holds for the memory layer's unit-norm queries and keys.
@@ -101,7 +109,7 @@ class DeviceBackend(KNNBackend):
                impl: str = "auto", compute_dtype: str = "auto",
                max_score_elements: int = 2 ** 30, block_q: int = 128,
                num_warps: int = 16, num_stages: int = 3, interpret: bool = False,
-               packed="offset", top_k_impl: str = "auto", grid_order: str = "queries",
+               packed="float", top_k_impl: str = "auto", grid_order: str = "queries",
                chunk: Optional[int] = None, shard_rows: str = "auto",
                row_axis: str = "data"):
     if shard_rows not in ("auto", "off"):

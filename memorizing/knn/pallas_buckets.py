@@ -162,7 +162,8 @@ def packed_mode(packed) -> str:
     return "sortable"
   if packed in ("offset", "float"):
     return packed
-  raise ConfigError(f"DeviceBackend packed={packed!r}; choose False, True (sortable) or 'offset'")
+  raise ConfigError(f"DeviceBackend packed={packed!r}; choose 'float', 'offset', "
+                    "True (sortable) or False (pair)")
 
 
 def buckets_pallas(queries, keys, count, num_buckets, k, compute_dtype, block_q,
