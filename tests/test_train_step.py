@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from memorizing import knn
 from memorizing.training import train as T
@@ -69,3 +70,31 @@ def test_memory_append_writes_in_place_after_the_gathers():
     config = CONFIG.replace(memory_layers=(-1,), memory_size=256, knn_backend=backend)
     assert _memory_copies(config, signals=False) == 0, backend
     assert _memory_copies(config, signals=True) == 0, backend
+
+
+def test_loss_sums_equal_log_softmax_reference_and_its_gradient_has_no_scatter():
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.normal(size=(2, 5, 11)) * 3, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 11, (2, 5)), jnp.int32)
+  weights = jnp.asarray(rng.random((2, 5)), jnp.float32)
+
+  def reference(x):
+    logp = jax.nn.log_softmax(x)
+    return jnp.sum(-jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * weights)
+
+  got = lambda x: T.loss_sums(x, targets, weights)[0]
+  np.testing.assert_allclose(got(logits), reference(logits), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(got)(logits), jax.grad(reference)(logits), rtol=1e-5,
+                             atol=1e-7)
+  assert float(T.loss_sums(logits, targets, weights)[1]) == pytest.approx(float(weights.sum()))
+  def prims(f):
+    names = set()
+    def walk(jaxpr):
+      for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+          walk(sub)
+    walk(jax.make_jaxpr(jax.grad(f))(logits).jaxpr)
+    return names
+  assert "scatter-add" in prims(reference)        # what the take_along_axis gradient does
+  assert not {"scatter-add", "scatter", "gather"} & prims(got)
