@@ -128,7 +128,7 @@ def test_device_pallas_kernel_variants_match_xla(packed, buckets, grid_order, ch
 def test_device_default_options_are_the_documented_ones():
   be = device.DeviceBackend()
   assert (be.buckets(32), be.block_q, be.num_warps, be.num_stages, be.packed, be.grid_order,
-          be.top_k_impl) == (256, 128, 16, 3, "float", "queries",
+          be.top_k_impl) == (256, None, None, 3, "float", "queries",
                              "sort" if jax.device_count() > 1 else "lax")
   with pytest.raises(ValueError, match="packed"):
     device.DeviceBackend(packed="nope")
@@ -173,3 +173,12 @@ def test_decoding_takes_the_xla_search_on_gpu_and_segments_the_pallas_kernel(mon
   assert be.resolved_impl(64, 32, num_queries=512) == "pallas"
   assert be.resolved_impl(64, 32) == "pallas"
   assert device.DeviceBackend(impl="pallas").resolved_impl(64, 32, num_queries=1) == "pallas"
+
+
+def test_auto_tiling_takes_64_queries_a_program_only_when_that_fills_the_waves_better():
+  from memorizing.knn.pallas_buckets import auto_tiling
+  # rows x heads, queries, multiprocessors (an H200 has 132)
+  assert auto_tiling(6 * 8, 512, 132) == (64, 8)      # 192 programs of 128: 2 waves, 1.45 full
+  assert auto_tiling(8 * 8, 512, 132) == (128, 16)    # 256: 2 nearly full waves
+  assert auto_tiling(32 * 8, 512, 132) == (128, 16)   # the paper step
+  assert auto_tiling(6 * 8, 512, None) == (128, 16)   # unknown device: the default tiling

@@ -67,8 +67,12 @@ class DeviceBackend(KNNBackend):
                     which accumulates in float32.
     max_score_elements: 2**30; the xla path goes over queries in chunks so
                     that one [B,H,chunk,N] score block stays under this.
-    block_q, num_warps, num_stages: Pallas tiling (128, 16, 3; tuned on an
-                    H200, docs/knn.md).
+    block_q, num_warps, num_stages: Pallas tiling (None, None, 3; tuned on
+                    an H200, docs/knn.md). block_q None: 128 queries a program
+                    (16 warps), or 64 (8 warps) when that grid fills the GPU's
+                    multiprocessors in fewer program-times
+                    (pallas_buckets.auto_tiling: few rows). num_warps None: 16
+                    for block_q 128, 8 for 64, else 4.
     interpret:      False; True runs the Pallas kernel in interpret mode (CPU tests).
     packed:         what the Pallas kernel keeps per bucket (see _bucket_kernel):
                     "float" (default): one float32, the score with its low
@@ -107,8 +111,8 @@ class DeviceBackend(KNNBackend):
 
   def __init__(self, recall_target: float = 0.9, num_buckets: Optional[int] = None,
                impl: str = "auto", compute_dtype: str = "auto",
-               max_score_elements: int = 2 ** 30, block_q: int = 128,
-               num_warps: int = 16, num_stages: int = 3, interpret: bool = False,
+               max_score_elements: int = 2 ** 30, block_q: Optional[int] = None,
+               num_warps: Optional[int] = None, num_stages: int = 3, interpret: bool = False,
                packed="float", top_k_impl: str = "auto", grid_order: str = "queries",
                chunk: Optional[int] = None, shard_rows: str = "auto",
                row_axis: str = "data"):
@@ -164,7 +168,7 @@ class DeviceBackend(KNNBackend):
     pow2 = lambda x: x >= 16 and x & (x - 1) == 0
     few = num_queries is not None and num_queries < MIN_PALLAS_QUERIES
     if (platform == "gpu" and not few and pallas_chunk(s, self.chunk) >= 16 and pow2(head_dim)
-        and pow2(self.block_q)):
+        and (self.block_q is None or pow2(self.block_q))):
       return "pallas"
     return "xla"
 

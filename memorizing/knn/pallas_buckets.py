@@ -7,7 +7,7 @@ memory. Same contract as memorizing.knn.buckets.buckets_xla.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +155,37 @@ def pallas_chunk(num_buckets: int, chunk: Optional[int] = None) -> int:
   return c
 
 
+# The kernel's two tilings (block_q, num_warps) and the time of one program of
+# each relative to the first, measured on an H200 at 65536 x 128, S=256, packed
+# "float" (docs/knn.md: 0.305 against 0.585 ms of kernel time per wave).
+TILINGS = ((128, 16, 1.0), (64, 8, 0.52))
+
+
+def auto_tiling(rows_heads: int, queries: int, cores: Optional[int]) -> Tuple[int, int]:
+  """(block_q, num_warps) of the tiling whose grid finishes first.
+
+  A grid of P programs on `cores` multiprocessors (one program each at a
+  time: the kernel's registers and shared memory allow no more) runs in
+  ceil(P / cores) waves; the last wave of a grid that is a little over a whole
+  number of waves runs nearly empty. So the cost of a tiling is its waves times
+  its program time: 128 queries a program unless 64 fill the waves better (e.g.
+  6 rows x 8 heads x 512 queries on 132 SMs: 192 programs of 128 take 2 waves,
+  384 of 64 take 3 waves of half the time). Unknown `cores`: 128.
+  """
+  if not cores:
+    return TILINGS[0][:2]
+  def cost(tiling):
+    block_q, _, rel = tiling
+    programs = rows_heads * -(-queries // block_q)
+    return -(-programs // cores) * rel
+  return min(TILINGS, key=cost)[:2]
+
+
+def device_cores() -> Optional[int]:
+  """Multiprocessors of the first local device (None where jax does not say)."""
+  return getattr(jax.local_devices()[0], "core_count", None)
+
+
 def packed_mode(packed) -> str:
   if packed in (False, None, "pair"):
     return "pair"
@@ -179,6 +210,10 @@ def buckets_pallas(queries, keys, count, num_buckets, k, compute_dtype, block_q,
   if chunk < 16:
     raise ConfigError(f"DeviceBackend pallas needs num_buckets a multiple of 16, got {s}")
   mode = "max" if packed == "max" else packed_mode(packed)
+  if block_q is None:
+    block_q, auto_warps = auto_tiling(b * h, q, None if interpret else device_cores())
+    num_warps = num_warps or auto_warps
+  num_warps = num_warps or dict((t[0], t[1]) for t in TILINGS).get(block_q, 4)
   n_pad = round_up(n, s)
   q_pad = round_up(q, block_q)
   bias = slot_bias(count, n_pad)                                   # [B, n_pad]
