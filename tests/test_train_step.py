@@ -16,19 +16,25 @@ OPT = T.make_optimizer(T.TrainConfig(optimizer="adamw", schedule="cosine", learn
 
 
 def losses(config, reset_every_step, steps=5):
+  return run_losses(config, steps, lambda i: reset_every_step or i == 0)
+
+
+def run_losses(config, steps, starts_document):
+  """Losses of `steps` train steps on random tokens, 2 rows; starts_document(i) -> bool."""
   params = init_params(config, jax.random.PRNGKey(0))
   state = T.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=OPT.init(params),
                        carried=init_carried_state(config, 2))
   step = jax.jit(lambda s, b: T.train_step(s, b, jax.random.PRNGKey(1), model_config=config,
                                            optimizer=OPT, skip_nonfinite=False,
-                          backend=knn.make_backend(config)))
+                                           backend=knn.make_backend(config)))
   rng, out = np.random.default_rng(0), []
+  length = config.segment_length
   for i in range(steps):
-    tokens = rng.integers(0, 64, (2, 17))
-    batch = {"tokens": jnp.asarray(tokens[:, :16], jnp.int32),
+    tokens = rng.integers(0, 64, (2, length + 1))
+    batch = {"tokens": jnp.asarray(tokens[:, :length], jnp.int32),
              "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
-             "weights": jnp.ones((2, 16), jnp.float32),
-             "start_of_document": jnp.full((2,), reset_every_step or i == 0)}
+             "weights": jnp.ones((2, length), jnp.float32),
+             "start_of_document": jnp.full((2,), starts_document(i))}
     state, m = step(state, batch)
     out.append(float(m["loss_sum"] / m["weight_sum"]))
   return np.array(out)
@@ -98,3 +104,19 @@ def test_loss_sums_equal_log_softmax_reference_and_its_gradient_has_no_scatter()
     return names
   assert "scatter-add" in prims(reference)        # what the take_along_axis gradient does
   assert not {"scatter-add", "scatter", "gather"} & prims(got)
+
+
+def test_search_kernel_state_float_trains_exactly_like_offset():
+  """The default packed="float" search state (bias only in partly valid blocks,
+  empty blocks skipped) gives the losses of packed="offset" while the memory
+  fills (Pallas kernel in interpret mode, float32)."""
+  def run(packed):
+    config = CONFIG.replace(segment_length=32, memory_layers=(-1,), memory_size=256,
+                            num_neighbors=32, knn_backend="device",
+                            knn_options=(("impl", "pallas"), ("interpret", True),
+                                         ("num_buckets", 32), ("block_q", 16), ("packed", packed)))
+    return run_losses(config, 6, lambda i: i == 0)
+  a, b = run("float"), run("offset")
+  np.testing.assert_array_equal(a, b)
+  assert len(set(a.tolist())) == len(a)          # the steps really differ
+
