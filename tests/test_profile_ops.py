@@ -89,3 +89,23 @@ def test_hlo_details_name_what_a_fusion_computes_with_shapes():
   details = profile_ops.hlo_details(hlo, ["input_transpose_fusion", "missing"])
   assert details == {"input_transpose_fusion":
                      "bf16[16,4] fusion | bf16[4,16] gather; bf16[16,4] transpose"}
+
+
+def test_hlo_details_find_a_gpu_trace_name_whose_dot_became_an_underscore():
+  # GPU traces name ops as their kernels are named: HLO's "fusion.18" is "fusion_18"
+  hlo = "\n".join([
+      "HloModule jit_f",
+      "%fused_reduce (p0: f32[8,16]) -> f32[8] {",
+      "  %p0 = f32[8,16]{1,0} parameter(0)",
+      "  %zero = f32[] constant(0)",
+      "  ROOT %reduce.3 = f32[8]{0} reduce(%p0, %zero), dimensions={1}, to_apply=%add",
+      "}",
+      "ENTRY %main (x: f32[8,16]) -> f32[8] {",
+      "  %x = f32[8,16]{1,0} parameter(0)",
+      "  ROOT %input_add_reduce_fusion.18 = f32[8]{0} fusion(%x), kind=kInput, "
+      "calls=%fused_reduce",
+      "}"])
+  details = profile_ops.hlo_details(hlo, ["input_add_reduce_fusion_18", "other_fusion_18"])
+  assert details == {"input_add_reduce_fusion_18": "f32[8] fusion | f32[8] reduce"}
+  assert profile_ops.hlo_name("input_add_reduce_fusion.18", {"input_add_reduce_fusion.18": 1}) \
+      == "input_add_reduce_fusion.18"

@@ -20,7 +20,7 @@ import glob
 import os
 import re
 import tempfile
-from typing import Any, Callable, Dict, Iterable, List, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import jax
 
@@ -112,11 +112,25 @@ def hlo_details(hlo_text: str, names: Iterable[str], limit: int = 600) -> Dict[s
 
   out = {}
   for name in names:
-    if name in lines:
-      line = lines[name]
+    key = hlo_name(name, lines)
+    if key is not None:
+      line = lines[key]
       inner = [x for c in _CALLS.findall(line) for x in map(short, bodies.get(c, ())) if x]
       out[name] = (short(line) + (" | " + "; ".join(inner) if inner else ""))[:limit]
   return out
+
+
+_KERNEL_SUFFIX = re.compile(r"_(\d+)$")
+
+
+def hlo_name(name: str, names) -> Optional[str]:
+  """The HLO instruction a trace's op name stands for, or None. A GPU trace
+  names ops as their kernels are named, with "." turned into "_"
+  ("input_add_reduce_fusion_18" for HLO's "input_add_reduce_fusion.18")."""
+  if name in names:
+    return name
+  dotted = _KERNEL_SUFFIX.sub(r".\1", name)
+  return dotted if dotted in names else None
 
 
 def _opcodes(line: str) -> str:
@@ -139,8 +153,8 @@ def _event_text(event, hlo: Dict[str, str]) -> str:
     value = _stat(event, key)
     if isinstance(value, str):            # long_name: the HLO line, operands dropped
       parts.append(_opcodes(value) if key == "long_name" else value)
-  op = _stat(event, "hlo_op") or event.name
-  parts.append(hlo.get(str(op), ""))
+  op = hlo_name(str(_stat(event, "hlo_op") or event.name), hlo)
+  parts.append(hlo.get(op, "") if op else "")
   return " ".join(parts)
 
 
@@ -162,7 +176,6 @@ def _op_lines(profile) -> Iterable[Tuple[Any, bool]]:
 
 def read_trace(log_dir: str, steps: int, hlo_text: str = "") -> Dict[str, Any]:
   """{"ms_per_step": {class: ms}, "ops": [(ms per step, class, op name)] largest first,
-  "op_hlo": {op name: hlo_details of it} for those ops,
   "op_hlo": {op name: hlo_details of it} for those ops,
   "total_ms_per_step": device op time per step, "modules": {jitted module: {class: ms
   per step}}, "planes": plane names} from the newest
@@ -191,7 +204,6 @@ def read_trace(log_dir: str, steps: int, hlo_text: str = "") -> Dict[str, Any]:
   ops = sorted(((ms, cls, name) for (cls, name), ms in by_op.items()), reverse=True)
   return {"ms_per_step": dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
           "total_ms_per_step": sum(by_class.values()), "ops": ops[:25],
-          "op_hlo": hlo_details(hlo_text, [name for _, _, name in ops[:25]]) if hlo_text else {},
           "op_hlo": hlo_details(hlo_text, [name for _, _, name in ops[:25]]) if hlo_text else {},
           "modules": {m: dict(sorted(c.items(), key=lambda kv: -kv[1]))
                       for m, c in by_module.items()},
