@@ -93,14 +93,20 @@ def _tune_configs(which):
       (256, "offset", 128, 16, 3, "queries"), (256, "offset", 256, 16, 2, "queries"),
       (256, "offset", 256, 8, 2, "queries"), (256, "offset", 256, 32, 2, "queries"),
       (256, "offset", 128, 8, 3, "queries", 256), (128, "offset", 256, 16, 2, "queries")]
-  for cfg in {"tune1": tune1, "tune2": tune2, "tune3": tune3, "tune4": tune4}[which]:
+  for cfg in {"tune1": tune1, "tune2": tune2, "tune3": tune3, "tune4": tune4}.get(which, []):
     s, packed, bq, w, st, grid = cfg[:6]
     chunk = cfg[6] if len(cfg) > 6 else None
     label = (f"pallas S={s} {packed if packed else 'pair'} bq{bq} w{w} st{st} {grid}"
              + (f" chunk{chunk}" if chunk else ""))
     out.append((label, dict(base, num_buckets=s, packed=packed, block_q=bq, num_warps=w,
                             num_stages=st, grid_order=grid, chunk=chunk)))
-  if which in ("tune3", "tune4"):
+  if which == "tune5":   # the final top k: (value, index) sorts against one sort of packed keys
+    for s_, bq, w in ((256, 128, 16), (256, 64, 8), (128, 128, 16)):
+      for impl in ("lax", "sort", "keys"):
+        out.append((f"pallas S={s_} float bq{bq} w{w} st3 queries top_k {impl}",
+                    dict(base, num_buckets=s_, packed="float", block_q=bq, num_warps=w,
+                         num_stages=3, top_k_impl=impl)))
+  elif which in ("tune3", "tune4"):
     pass
   elif which == "tune1":
     out.append(("pallas S=256 offset bq64 w8 st3 queries lax.top_k",
@@ -283,7 +289,7 @@ def main():
   p.add_argument("--repeats", type=int, default=10)
   p.add_argument("--scann_steps", type=int, default=4)
   p.add_argument("--output", default=None)
-  p.add_argument("--configs", default="table", choices=("table", "tune1", "tune2", "tune3", "tune4"),
+  p.add_argument("--configs", default="table", choices=("table", "tune1", "tune2", "tune3", "tune4", "tune5"),
                  help="device backend rows: docs/knn.md's table, or a tuning sweep")
   p.add_argument("--keys_file", default=None,
                  help="npz from scripts/capture_keys.py: benchmark on a model's real keys "

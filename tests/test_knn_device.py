@@ -182,3 +182,22 @@ def test_auto_tiling_takes_64_queries_a_program_only_when_that_fills_the_waves_b
   assert auto_tiling(8 * 8, 512, 132) == (128, 16)    # 256: 2 nearly full waves
   assert auto_tiling(32 * 8, 512, 132) == (128, 16)   # the paper step
   assert auto_tiling(6 * 8, 512, None) == (128, 16)   # unknown device: the default tiling
+
+
+def test_float_state_top_k_by_one_key_sort_selects_what_the_pair_sort_selects():
+  # top_k_impl="keys": the bucket number in the low bits of one sorted array
+  keys, queries = synthetic.synthetic_memory(jax.random.PRNGKey(7), 2, 2, 1000, 24, 32)
+  count = jnp.array([900, 20], jnp.int32)
+  mem = M.MemoryState(keys=keys, values=keys, pointer=count, count=count)
+  found = {}
+  for impl in ("lax", "keys"):
+    be = device.DeviceBackend(impl="pallas", num_buckets=64, block_q=16, interpret=True,
+                              packed="float", top_k_impl=impl)
+    found[impl] = [np.asarray(a) for a in search(be, queries, mem)]
+  (ia, va), (ib, vb) = found["lax"], found["keys"]
+  np.testing.assert_array_equal(va, vb)                      # row 1: only 20 valid slots
+  assert (va.sum(-1)[1] == 20).all()
+  same = np.sort(np.where(va, ia, -1), -1) == np.sort(np.where(vb, ib, -1), -1)
+  assert same.mean() > 0.99, same.mean()     # near-ties inside the dropped bits may differ
+  with pytest.raises(ValueError, match="top_k_impl"):
+    device.DeviceBackend(top_k_impl="nope")

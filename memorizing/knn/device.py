@@ -93,7 +93,11 @@ class DeviceBackend(KNNBackend):
                     "auto" (default): "sort" when the process sees more than
                     one device (rows may be sharded), else "lax"; "sort"
                     (partitions over sharded rows; 3x slower than lax.top_k
-                    in the tiny CPU training step); "lax" (lax.top_k).
+                    in the tiny CPU training step); "lax" (lax.top_k);
+                    "keys" (packed "float" Pallas path only, elsewhere
+                    "sort"): one sort of a single array whose low bits carry
+                    the bucket number instead of (value, index) pairs. Not yet
+                    timed on a GPU.
     grid_order:     "queries" (default): a (row, head)'s query blocks are
                     launched next to each other and share its keys in L2;
                     "rows": the other way round.
@@ -125,8 +129,8 @@ class DeviceBackend(KNNBackend):
     if grid_order not in ("queries", "rows"):
       raise ConfigError(f"DeviceBackend grid_order={grid_order!r}; choose queries or rows")
     self.grid_order = grid_order
-    if top_k_impl not in ("auto", "sort", "lax"):
-      raise ConfigError(f"DeviceBackend top_k_impl={top_k_impl!r}; choose auto, sort or lax")
+    if top_k_impl not in ("auto", "sort", "lax", "keys"):
+      raise ConfigError(f"DeviceBackend top_k_impl={top_k_impl!r}; choose auto, sort, lax or keys")
     self._top_k_impl = top_k_impl
     if impl not in ("auto", "xla", "pallas", "approx_max_k", "exact"):
       raise ConfigError(f"DeviceBackend impl={impl!r}; choose auto, xla, pallas, approx_max_k or exact")
@@ -152,6 +156,10 @@ class DeviceBackend(KNNBackend):
     if self._top_k_impl != "auto":
       return self._top_k_impl
     return "sort" if jax.device_count() > 1 else "lax"
+
+  def _plain_top_k(self) -> str:
+    """top_k_impl for the paths without the float state ("keys" needs it)."""
+    return "sort" if self.top_k_impl == "keys" else self.top_k_impl
 
   def buckets(self, k: int) -> int:
     return self.num_buckets or buckets_for_recall(k, self.recall_target)
@@ -192,7 +200,7 @@ class DeviceBackend(KNNBackend):
       scores = jnp.einsum("bhqd,bhnd->bhqn", queries.astype(dtype), keys.astype(dtype),
                           preferred_element_type=jnp.float32)
       scores = scores + slot_bias(count, n)[:, None, None, :]
-      vals, idx = top_k_padded(scores, k, self.top_k_impl)
+      vals, idx = top_k_padded(scores, k, self._plain_top_k())
     elif impl == "approx_max_k":
       scores = jnp.einsum("bhqd,bhnd->bhqn", queries.astype(dtype), keys.astype(dtype),
                           preferred_element_type=jnp.float32)
@@ -209,7 +217,7 @@ class DeviceBackend(KNNBackend):
     else:
       score_dtype = jnp.float32 if dtype == jnp.float32 else dtype
       vals, idx = buckets_xla(queries.astype(dtype), keys.astype(dtype), count, s, k,
-                               score_dtype, self.max_score_elements, self.top_k_impl)
+                               score_dtype, self.max_score_elements, self._plain_top_k())
     if vals.shape[-1] < k:                    # fewer buckets (or slots) than k
       pad = [(0, 0)] * 3 + [(0, k - vals.shape[-1])]
       vals = jnp.pad(vals, pad, constant_values=-jnp.inf)

@@ -130,6 +130,26 @@ def _bucket_kernel(q_ref, k_ref, bias_ref, nblk_ref, *out_refs, num_blocks, bloc
     key_ref[:, pl.ds(c * chunk, chunk)] = state[c]
 
 
+def _float_top_k_by_keys(state, k, s, index_bits):
+  """The top k of the float state [..., S] (top_k_impl="keys") by a sort of one
+  array instead of (value, index) pairs: each bucket's float with its low
+  ceil(log2(S)) bits replaced by the bucket number is its own sort key, and
+  the bucket number comes back out of the low bits. The order is the state's
+  up to those bits (the state has already dropped its low index_bits)."""
+  cmask = jnp.int32((1 << max(1, (s - 1).bit_length())) - 1)
+  low = jnp.int32((1 << index_bits) - 1)
+  axis = state.ndim - 1
+  bits = jax.lax.bitcast_convert_type(jnp.maximum(state, -3e38), jnp.int32)   # no -inf: no NaN
+  bucket_ids = jax.lax.broadcasted_iota(jnp.int32, state.shape, axis)
+  keys = jax.lax.bitcast_convert_type((bits & ~cmask) | bucket_ids, jnp.float32)
+  top = -jax.lax.sort(-keys, dimension=axis)[..., :k]                          # descending
+  bucket = jax.lax.bitcast_convert_type(top, jnp.int32) & cmask
+  chosen = jnp.take_along_axis(bits, bucket, axis=axis)
+  vals = jax.lax.bitcast_convert_type(chosen & ~low, jnp.float32)
+  vals = jnp.where(vals > _FINITE_INVALID / 2, vals, -jnp.inf)     # no valid slot in the bucket
+  return vals, ((chosen & low) * s + bucket).astype(jnp.int32)
+
+
 def _sortable_int(x: jax.Array) -> jax.Array:
   """float32 -> int32 with the same order (and back: it is its own inverse)."""
   bits = jax.lax.bitcast_convert_type(x, jnp.int32)
@@ -271,7 +291,9 @@ def buckets_pallas(queries, keys, count, num_buckets, k, compute_dtype, block_q,
     vals, bucket = top_k(best, min(k, s), top_k_impl)
     slots = jnp.take_along_axis(arg, bucket, axis=-1) * s + bucket
     return vals, slots.astype(jnp.int32)
-  keyv, bucket = top_k(outs[0], min(k, s), top_k_impl)
+  if mode == "float" and top_k_impl == "keys":
+    return _float_top_k_by_keys(outs[0], min(k, s), s, index_bits)
+  keyv, bucket = top_k(outs[0], min(k, s), "sort" if top_k_impl == "keys" else top_k_impl)
   low = jnp.int32((1 << index_bits) - 1)
   if mode == "float":
     bits = jax.lax.bitcast_convert_type(keyv, jnp.int32)
