@@ -17,22 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 
+from memorizing.tools.timing import back_to_back_ms
+
 
 def median_ms(fn, *args, calls=20, repeats=5):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t) / calls * 1e3)
-  return sorted(times)[len(times) // 2]
+  return back_to_back_ms(fn, *args, calls=calls, repeats=repeats)[0]
 
 
 def main(argv=None):

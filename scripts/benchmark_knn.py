@@ -34,6 +34,7 @@ from memorizing import knn
 from memorizing.model import memory as M
 from memorizing.knn import device, pallas_buckets, synthetic
 from memorizing.knn.exact import ExactBackend
+from memorizing.tools.timing import back_to_back_ms
 
 # (label, DeviceBackend options); pallas rows only run on GPU.
 # --configs table: the rows of docs/knn.md's table.
@@ -149,19 +150,8 @@ def exact_search(queries, mem, k, max_elements=2 ** 31):
 def time_fn(fn, *args, repeats: int, calls: int = 5):
   """ms per call of fn(*args): median over `repeats` of (wall time of `calls`
   back-to-back calls, synchronised once at the end) / calls; after one warm-up.
-  Back-to-back calls hide the host's dispatch (~0.05-0.1 ms) behind the device."""
-  t = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  if time.perf_counter() - t > 0.05:     # slow (exact at large N): one call, 3 repeats
-    calls, repeats = 1, min(repeats, 3)
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t) * 1e3 / calls)
-  return statistics.median(times)
+  Slow calls (exact at large N, over 0.05 s): one call, 3 repeats."""
+  return back_to_back_ms(fn, *args, calls=calls, repeats=repeats, slow_s=0.05)[0]
 
 
 def bench_size(args, n: int, rows: list):

@@ -17,9 +17,7 @@ Prints a table and writes JSON.
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 import traceback
 
 import jax
@@ -28,6 +26,7 @@ import numpy as np
 
 from memorizing.model import memory as memory_lib
 from memorizing.model.layers import l2_normalize
+from memorizing.tools.timing import back_to_back_ms
 from memorizing.model.memory_attention import attend_retrieved, retrieved_softmax
 from memorizing.model.pallas_retrieved import fused_retrieved_attention
 
@@ -78,16 +77,8 @@ def loss_and_grad(impl, block_q=64, num_warps=4, interpret=False):
 
 
 def time_fn(fn, inputs, repeats, inner=5):
-  out = fn(*inputs)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    for _ in range(inner):
-      out = fn(*inputs)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t) / inner * 1e3)
-  return statistics.median(times), out
+  """(median ms per call, the output) of fn(*inputs): `inner` back-to-back calls a repeat."""
+  return back_to_back_ms(fn, *inputs, calls=inner, repeats=repeats)
 
 
 def rel_err(a, b):
